@@ -1,0 +1,314 @@
+"""Checkpoint I/O: find a checkpoint (folder or hub id), read `pytorch_model*.bin` (always `weights_only`) or
+`*.safetensors`, single or sharded, check every key and shape before anything is loaded, and save sharded
+safetensors atomically.
+
+Loading never holds two copies of the weights: the model is built without storage (parameters on the `meta`
+device), files are memory-mapped, and each tensor is cast straight into its parameter, one file at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from openowl.config import OwlConfig
+from openowl.model.owl import OwlForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Buffers that transformers 4.28 wrote into the files; RoPE frequencies are recomputed from the config.
+IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
+ABSTRACTOR_MLP_KEY = "abstractor.encoder.layers.0.crossattention.output.mlp.w1.weight"
+TEMPORAL_DOWN_KEY = "vision_model.encoder.layers.0.temporal.down_proj.weight"
+HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin", "*.txt", "*.jinja"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be loaded as it is: the message names the file and the key."""
+
+
+# --- locating a checkpoint -----------------------------------------------------------------------
+
+
+def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a hub id downloaded (once) into the hub cache.
+
+    Raises:
+        FileNotFoundError: for a local path that doesn't exist or isn't a checkpoint folder.
+        OSError: when a hub id can't be fetched (offline, unknown repo), saying what to do instead.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint folder (expected a folder with config.json)")
+        return path
+    name = str(path_or_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise FileNotFoundError(f"{name}: no such checkpoint folder (and not a hub id of the form owner/name)")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as err:  # the hub client raises many types: offline, 404, gated, HTTP errors
+        raise OSError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Check the network (or HF_HUB_OFFLINE), or download the checkpoint and pass its local folder."
+        ) from err
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint, preferring safetensors; sharded through the index json.
+
+    Raises:
+        CheckpointError: no weights, a broken index, or an index naming a missing shard.
+    """
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as err:
+                raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: names shard(s) that are not in the folder: {', '.join(missing)}")
+            return [folder / s for s in shards]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(f"{folder}: no weights (model.safetensors, pytorch_model.bin or a sharded index)")
+
+
+# --- reading tensors -----------------------------------------------------------------------------
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+
+
+@contextmanager
+def open_weights(file: Path) -> Iterator[dict[str, torch.Tensor] | object]:
+    """Open one weight file lazily: a safetensors handle, or a memory-mapped `weights_only` state dict.
+
+    Raises:
+        CheckpointError: a truncated or corrupt file, or a pickle that would run code, naming the file.
+    """
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as handle:
+                yield handle
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: unreadable safetensors file, truncated or corrupt ({err})") from err
+        return
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise CheckpointError(f"{file}: unreadable checkpoint, truncated or corrupt ({err})") from err
+        state = _load_bin_without_mmap(file)  # the pre-1.6 (non-zip) format can't be memory-mapped
+    except Exception as err:  # UnpicklingError for code-carrying pickles; EOFError, zip errors for damage
+        raise CheckpointError(
+            f"{file}: refused or unreadable ({type(err).__name__}: {err}). Only plain tensor checkpoints load; "
+            "pickled code is never executed."
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    yield state
+
+
+def _load_bin_without_mmap(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: refused or unreadable ({type(err).__name__}: {err})") from err
+
+
+def _keys_and_shapes(handle) -> Iterator[tuple[str, tuple[int, ...]]]:
+    if isinstance(handle, dict):
+        for key, tensor in handle.items():
+            yield key, tuple(tensor.shape)
+    else:
+        names = handle.keys()  # a safetensors handle is not iterable
+        for key in names:
+            yield key, tuple(handle.get_slice(key).get_shape())
+
+
+def _get(handle, key: str) -> torch.Tensor:
+    return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+
+
+def read_index(files: list[Path]) -> dict[str, TensorInfo]:
+    """Every tensor's file and shape, read from headers (no tensor data is touched).
+
+    Raises:
+        CheckpointError: a damaged file, or a key that appears in two files.
+    """
+    index: dict[str, TensorInfo] = {}
+    for file in files:
+        with open_weights(file) as handle:
+            for key, shape in _keys_and_shapes(handle):
+                if IGNORED_KEYS.match(key):
+                    continue
+                if key in index:
+                    raise CheckpointError(f"{file}: key {key!r} is also in {index[key].file}")
+                index[key] = TensorInfo(file, shape)
+    return index
+
+
+# --- loading a model -----------------------------------------------------------------------------
+
+
+def reconcile_config(config: OwlConfig, index: dict[str, TensorInfo]) -> OwlConfig:
+    """Let the weights decide what upstream configs get wrong or don't say.
+
+    The abstractor MLP width is read from the weights (released image configs and the video config disagree
+    with their tensors: 2816 vs 4096, SPEC §4); the video modules exist when their tensors do.
+    """
+    if ABSTRACTOR_MLP_KEY in index:
+        width = index[ABSTRACTOR_MLP_KEY].shape[0]
+        if width != config.abstractor.intermediate_size:
+            logger.info("abstractor MLP width %d from the weights (config says %d)", width,
+                        config.abstractor.intermediate_size)  # fmt: skip
+            config.abstractor.intermediate_size = width
+    if "temporal_query_tokens" in index:
+        config.video = True
+        if TEMPORAL_DOWN_KEY in index:
+            config.vision.temporal_hidden_size = index[TEMPORAL_DOWN_KEY].shape[0]
+    return config
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys the model needs, with their shapes; tied weights appear once."""
+    seen: dict[int, str] = {}
+    out = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # a tied weight (e.g. lm_head = embed_tokens) is loaded through its first name
+            continue
+        seen[id(tensor)] = key
+        out[key] = tuple(tensor.shape)
+    return out
+
+
+def check_keys(expected: dict[str, tuple[int, ...]], index: dict[str, TensorInfo], folder: Path) -> None:
+    """Raises CheckpointError naming every missing, unexpected or mis-shaped tensor (and its file)."""
+    problems = []
+    for key in sorted(expected.keys() - index.keys()):
+        problems.append(f"missing tensor {key!r} (not in any weight file of {folder})")
+    for key in sorted(index.keys() - expected.keys()):
+        problems.append(f"{index[key].file.name}: unexpected tensor {key!r}")
+    for key in sorted(expected.keys() & index.keys()):
+        if expected[key] != index[key].shape:
+            problems.append(
+                f"{index[key].file.name}: tensor {key!r} has shape {list(index[key].shape)}, "
+                f"the model expects {list(expected[key])}"
+            )
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(f"checkpoint {folder} does not match the model:\n  {shown}{more}")
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+    else:
+        module._buffers[name] = tensor
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return resolved
+
+
+def load_model(
+    path_or_id: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> OwlForConditionalGeneration:
+    """Build the model for a checkpoint and fill it; all-or-nothing.
+
+    Raises:
+        CheckpointError: a damaged file, an unknown model_type, or tensors that don't fit the model.
+    """
+    dtype = _as_dtype(dtype)
+    folder = resolve_checkpoint(path_or_id, revision)
+    try:
+        config = OwlConfig.from_json_file(folder / "config.json")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    files = weight_files(folder)
+    index = read_index(files)
+    config = reconcile_config(config, index)
+    with init_empty_weights(include_buffers=False):
+        model = OwlForConditionalGeneration(config)
+    check_keys(expected_tensors(model), index, folder)
+    for file in files:
+        with open_weights(file) as handle:
+            for key, info in index.items():
+                if info.file == file:
+                    tensor = _get(handle, key)
+                    if tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    _assign(model, key, tensor.to(device))
+    model.language_model.tie_weights()
+    model.to(device)  # non-persistent buffers (RoPE frequencies) follow the weights
+    return model.eval()
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+
+def save_model(model: OwlForConditionalGeneration, folder: str | Path, max_shard_size: str | int = "2GB") -> None:
+    """Sharded safetensors + `model.safetensors.index.json` + `config.json`, each file written atomically.
+
+    Files are first written into a temporary folder beside the target and then renamed into place, the index
+    last, so an interrupted save never leaves a checkpoint that looks complete but isn't.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        model.config.to_json_file(Path(tmp) / "config.json")
+        written = sorted(os.listdir(tmp), key=lambda name: name in ("config.json", SAFE_INDEX))
+        for stale in folder.glob("model*.safetensors"):
+            if stale.name not in written:
+                stale.unlink()
+        (folder / SAFE_INDEX).unlink(missing_ok=True)
+        for name in written:
+            _fsync(Path(tmp) / name)
+            os.replace(Path(tmp) / name, folder / name)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

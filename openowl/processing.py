@@ -1,0 +1,293 @@
+"""Images and prompts in, model inputs out: the upstream preprocessing, tokenization and prompt template.
+
+- Images: squash-resize to `size`×`size` (bicubic, aspect ratio not kept), scale to [0, 1], CLIP mean/std.
+- Video frames: shortest-edge resize + centre crop, then the same normalisation (the upstream video processor).
+- Prompts: one BOS, then each chunk between `<image>` / `<|video|>` tags tokenized on its own (so each chunk
+  gets SentencePiece's leading "▁"), each tag replaced by `num_visual_tokens` placeholder ids (-1 / -2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import AutoTokenizer, BatchFeature, LlamaTokenizer, PreTrainedTokenizerBase
+
+from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
+
+IMAGE_TAG = "<image>"
+VIDEO_TAG = "<|video|>"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_SYSTEM = (
+    "The following is a conversation between a curious human and AI assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_LLAMA_TOKENIZER_CLASSES = {"MplugOwlTokenizer", "LlamaTokenizer", "LlamaTokenizerFast"}
+_TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
+
+ImageInput = Image.Image | str | Path
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A PIL image from a path (or a PIL image), fully decoded, upright, in RGB.
+
+    EXIF orientation is applied; transparency is composited over white (upstream drops the alpha channel,
+    which shows whatever colour hides under transparent pixels). Opaque RGB images are unchanged.
+
+    Raises:
+        FileNotFoundError: a path that doesn't exist.
+        ValueError: a file that isn't a readable image (corrupt or truncated), naming it.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def _resize_shortest_edge_and_crop(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+# --- the processor -------------------------------------------------------------------------------
+
+
+class OwlProcessor:
+    """Turns prompts with `<image>` / `<|video|>` tags plus PIL images / frame lists into model inputs."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_size: int = 224,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        num_visual_tokens: int = 65,
+    ):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.num_visual_tokens = num_visual_tokens
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, revision: str | None = None) -> OwlProcessor:
+        from openowl.checkpoint import resolve_checkpoint
+
+        folder = resolve_checkpoint(path_or_id, revision)
+        config = _read_json(folder / "preprocessor_config.json")
+        size = config.get("size", {}).get("shortest_edge") or config.get("resolution") or 224
+        model_config = _read_json(folder / "config.json")
+        return cls(
+            tokenizer=load_tokenizer(folder),
+            image_size=int(size),
+            image_mean=config.get("image_mean", CLIP_MEAN),
+            image_std=config.get("image_std", CLIP_STD),
+            num_visual_tokens=int(model_config.get("num_query_tokens", 64)) + 1,
+        )
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        config = {
+            "resolution": self.image_size,
+            "size": {"shortest_edge": self.image_size},
+            "crop_size": {"height": self.image_size, "width": self.image_size},
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+        (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    # --- pixels ----------------------------------------------------------------------------------
+
+    def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> `(N, 3, size, size)` float32: squash-resize (bicubic), then CLIP mean/std."""
+        size = (self.image_size, self.image_size)
+        return torch.stack(
+            [_normalize(load_image(img).resize(size, Image.BICUBIC), self.image_mean, self.image_std) for img in images]
+        )
+
+    def preprocess_videos(self, videos: Sequence[Sequence[ImageInput]]) -> torch.Tensor:
+        """Frame lists (same length each) -> `(B, 3, T, size, size)`: shortest-edge resize + centre crop."""
+        if len({len(frames) for frames in videos}) > 1:
+            raise ValueError(f"all videos of a batch need the same number of frames, got {[len(v) for v in videos]}")
+        out = []
+        for frames in videos:
+            if not frames:
+                raise ValueError("a video has no frames")
+            cropped = [_resize_shortest_edge_and_crop(load_image(f), self.image_size) for f in frames]
+            pixels = [_normalize(frame, self.image_mean, self.image_std) for frame in cropped]
+            out.append(torch.stack(pixels, dim=1))  # (3, T, H, W)
+        return torch.stack(out)
+
+    # --- text ------------------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """BOS + chunk-wise token ids, each tag expanded to `num_visual_tokens` placeholder ids."""
+        ids = [self.tokenizer.bos_token_id]
+        for chunk in _TAG_SPLIT.split(prompt):
+            if chunk == IMAGE_TAG:
+                ids += [IMAGE_PLACEHOLDER_ID] * self.num_visual_tokens
+            elif chunk == VIDEO_TAG:
+                ids += [VIDEO_PLACEHOLDER_ID] * self.num_visual_tokens
+            elif chunk:
+                ids += self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: Sequence[ImageInput] | None = None,
+        videos: Sequence[Sequence[ImageInput]] | None = None,
+        return_tensors: str = "pt",
+        padding_side: str = "left",
+    ) -> BatchFeature:
+        """Tokenize a batch of prompts and preprocess its images (all prompts' images, in order).
+
+        Prompts are padded to one length with EOS on `padding_side` ("left" suits generation; upstream pads on
+        the right); `attention_mask` is 0 on padding.
+
+        Raises:
+            ValueError: when the number of `<image>` / `<|video|>` tags differs from the images / videos given.
+        """
+        if return_tensors != "pt":
+            raise ValueError("only return_tensors='pt' is supported")
+        texts = [text] if isinstance(text, str) else list(text)
+        images, videos = list(images or []), list(videos or [])
+        _check_count(texts, IMAGE_TAG, len(images), "image")
+        _check_count(texts, VIDEO_TAG, len(videos), "video")
+        ids = [self.tokenize_prompt(t) for t in texts]
+        data: dict[str, Any] = self.pad(ids, padding_side)
+        if images:
+            data["pixel_values"] = self.preprocess_images(images)
+        if videos:
+            data["video_pixel_values"] = self.preprocess_videos(videos)
+        return BatchFeature(data)
+
+    def pad(self, ids: Sequence[Sequence[int]], padding_side: str = "left") -> dict[str, torch.Tensor]:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.eos_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            cols = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+            input_ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+            mask[row, cols] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]], **kwargs) -> list[str]:
+        """Decode rows of token ids; placeholder ids are dropped."""
+        rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return self.tokenizer.batch_decode([[i for i in row if i >= 0] for row in rows], **kwargs)
+
+    def decode(self, ids: torch.Tensor | Sequence[int], **kwargs) -> str:
+        return self.batch_decode([ids.tolist() if isinstance(ids, torch.Tensor) else ids], **kwargs)[0]
+
+    # --- prompts ---------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, system: str | None = None
+    ) -> str:
+        """The upstream `Human:` / `AI:` prompt for a conversation; see `build_prompt`."""
+        return build_prompt(messages, add_generation_prompt=add_generation_prompt, system=system)
+
+
+def build_prompt(
+    messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, system: str | None = None
+) -> str:
+    """The upstream template: a system line, then one `Human: ` line per image, video or text, `AI: ` answers.
+
+    Messages are `{"role": "system" | "user" | "assistant", "content": str | list of parts}`, parts being
+    `{"type": "image"}`, `{"type": "video"}` or `{"type": "text", "text": ...}` (the transformers chat format).
+    A system message replaces the default system line. With `add_generation_prompt` the prompt ends in `AI: `.
+    """
+    lines = []
+    for message in messages:
+        role, parts = message.get("role"), _parts(message.get("content", ""))
+        if role == "system":
+            system = "".join(p["text"] for p in parts if p["type"] == "text")
+        elif role == "user":
+            for part in parts:
+                kind = part.get("type")
+                if kind not in ("image", "video", "text"):
+                    raise ValueError(f"unknown content part type {kind!r} (expected image, video or text)")
+                body = {"image": IMAGE_TAG, "video": VIDEO_TAG}.get(kind) or part["text"]
+                lines.append(f"Human: {body}")
+        elif role == "assistant":
+            lines.append("AI: " + "".join(p["text"] for p in parts if p["type"] == "text"))
+        else:
+            raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
+    prompt = "\n".join([DEFAULT_SYSTEM if system is None else system, *lines])
+    return prompt + "\nAI: " if add_generation_prompt else prompt
+
+
+def _parts(content: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _check_count(texts: Sequence[str], tag: str, given: int, kind: str) -> None:
+    tags = sum(t.count(tag) for t in texts)
+    if tags != given:
+        raise ValueError(f"the prompts contain {tags} {tag} tag(s) but {given} {kind}(s) were given")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer. `MplugOwlTokenizer` (upstream's name for a LLaMA tokenizer whose pad is
+    `<unk>`) and `LlamaTokenizer` both load as transformers' LLaMA tokenizer; anything else through AutoTokenizer.
+    """
+    name = _read_json(folder / "tokenizer_config.json").get("tokenizer_class")
+    if name in _LLAMA_TOKENIZER_CLASSES or (name is None and (folder / "tokenizer.model").is_file()):
+        tokenizer = LlamaTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token
+        return tokenizer
+    return AutoTokenizer.from_pretrained(folder)
