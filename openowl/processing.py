@@ -193,8 +193,7 @@ class OwlProcessor:
             raise ValueError("only return_tensors='pt' is supported")
         texts = [text] if isinstance(text, str) else list(text)
         images, videos = list(images or []), list(videos or [])
-        _check_count(texts, IMAGE_TAG, len(images), "image")
-        _check_count(texts, VIDEO_TAG, len(videos), "video")
+        check_media_count(texts, len(images), len(videos))
         ids = [self.tokenize_prompt(t) for t in texts]
         data: dict[str, Any] = self.pad(ids, padding_side)
         if images:
@@ -265,10 +264,12 @@ def _parts(content: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
 
 
-def _check_count(texts: Sequence[str], tag: str, given: int, kind: str) -> None:
-    tags = sum(t.count(tag) for t in texts)
-    if tags != given:
-        raise ValueError(f"the prompts contain {tags} {tag} tag(s) but {given} {kind}(s) were given")
+def check_media_count(texts: Sequence[str], num_images: int, num_videos: int) -> None:
+    """Raises ValueError unless the prompts hold as many `<image>` / `<|video|>` tags as media are given."""
+    for tag, given, kind in ((IMAGE_TAG, num_images, "image"), (VIDEO_TAG, num_videos, "video")):
+        tags = sum(t.count(tag) for t in texts)
+        if tags != given:
+            raise ValueError(f"the prompts contain {tags} {tag} tag(s) but {given} {kind}(s) were given")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -111,12 +111,12 @@ class OwlForConditionalGeneration(nn.Module):
     def get_video_features(self, video_pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, 3, T, H, W)` frames -> `(B, 65, D)` visual tokens (one block per video)."""
         B, C, T, H, W = video_pixel_values.shape
-        frames = video_pixel_values.to(self.device).transpose(1, 2).reshape(B * T, C, H, W)  # (B·T, C, H, W)
-        tokens = self.vision_model(frames, num_frames=T)  # (B·T, N, Cv)
-        tokens = tokens.reshape(B, T * tokens.shape[1], tokens.shape[2])  # (B, T·N, Cv)
         temporal = T > 1
         if temporal and not self.config.video:
             raise ValueError(f"this checkpoint has no temporal modules; it cannot encode {T}-frame videos")
+        frames = video_pixel_values.to(self.device).transpose(1, 2).reshape(B * T, C, H, W)  # (B·T, C, H, W)
+        tokens = self.vision_model(frames, num_frames=T)  # (B·T, N, Cv)
+        tokens = tokens.reshape(B, T * tokens.shape[1], tokens.shape[2])  # (B, T·N, Cv)
         queries = self.query_tokens
         if temporal:
             queries = torch.cat([self.query_tokens, self.temporal_query_tokens], dim=1)  # (1, 2Q, C)
@@ -202,8 +202,8 @@ class OwlForConditionalGeneration(nn.Module):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, video_pixel_values)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.long)
-            if position_ids is None and cache is None and not bool(attention_mask.all()):
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions 0..n-1
+            if position_ids is None:  # from the mask: a left-padded row keeps positions 0..n-1
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         if position_ids is not None and self._lm_uses_positions:
             lm_kwargs["position_ids"] = position_ids
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **lm_kwargs)

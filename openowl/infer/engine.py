@@ -1,0 +1,212 @@
+"""The engine: prompts and images in, text out — batched, streaming, with a content-hashed image-feature cache.
+
+`generate.py` does the token work; this file adds what needs the processor: tokenizing, encoding each image
+once, detokenizing incrementally (deltas that never split a character and never emit a stop string), and
+finishing each row on EOS, a stop string or the token budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from openowl.infer.generate import generate_tokens
+from openowl.infer.sampling import SamplingParams
+from openowl.model.owl import OwlForConditionalGeneration
+from openowl.processing import ImageInput, OwlProcessor, check_media_count
+
+
+@dataclass
+class Request:
+    """One prompt (already in the model's template, with `<image>` / `<|video|>` tags) and its media, in order."""
+
+    prompt: str
+    images: Sequence[ImageInput] = ()
+    videos: Sequence[Sequence[ImageInput]] = ()
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+
+
+@dataclass
+class Detokenizer:
+    """Turns one row's tokens into text deltas whose concatenation is the final text."""
+
+    tokenizer: object
+    stop: tuple[str, ...] = ()
+    eos_ids: frozenset[int] = frozenset()
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # emitted so far
+    finish_reason: str | None = None
+
+    def add(self, token: int) -> str:
+        """Take the next token; return the new text that is now certain (possibly "")."""
+        if self.finish_reason:
+            return ""
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._emit(self._decoded())
+        self.ids.append(token)
+        full = self._decoded()
+        for stop in self.stop:
+            at = full.find(stop, max(0, len(self.text) - len(stop)))
+            if at >= 0:
+                self.finish_reason = "stop"
+                return self._emit(full[:at])
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            return ""
+        return self._emit(full[: len(full) - _stop_prefix_length(full, self.stop)])
+
+    def finish(self) -> str:
+        """The budget ran out: release any held-back text."""
+        self.finish_reason = self.finish_reason or "length"
+        return self._emit(self._decoded().rstrip("\ufffd"))
+
+    def _decoded(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _emit(self, upto: str) -> str:
+        delta = upto[len(self.text) :] if upto.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+class ImageFeatureCache:
+    """Visual tokens by the SHA-256 of the preprocessed pixels, least recently used evicted first."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixels: torch.Tensor) -> str:
+        return hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def encode(self, pixels: torch.Tensor, encoder) -> tuple[torch.Tensor, list[str]]:
+        """`(N, ...)` pixels -> `(N, 65, D)` features, running `encoder` only on the ones not cached."""
+        keys = [self.key(p) for p in pixels]
+        todo = [i for i, k in enumerate(keys) if k not in self._items]
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        if todo:
+            fresh = encoder(pixels[todo])
+            for i, feats in zip(todo, fresh, strict=True):
+                self._items[keys[i]] = feats
+        for k in keys:
+            self._items.move_to_end(k)
+        out = torch.stack([self._items[k] for k in keys])
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return out, keys
+
+
+class Engine:
+    """Batched and streaming generation over one model and its processor."""
+
+    def __init__(self, model: OwlForConditionalGeneration, processor: OwlProcessor, image_cache_size: int = 256):
+        self.model = model
+        self.processor = processor
+        self.image_cache = ImageFeatureCache(image_cache_size)
+        self.video_cache = ImageFeatureCache(max(1, image_cache_size // 8))
+        eos = model.language_model.config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = frozenset(e for e in [processor.tokenizer.eos_token_id, *eos] if e is not None)
+
+    # --- visual features -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor | None, list[str]]:
+        if not images:
+            return None, []
+        pixels = self.processor.preprocess_images(images).to(self.model.dtype)
+        return self.image_cache.encode(pixels, self.model.get_image_features)
+
+    @torch.no_grad()
+    def video_features(self, videos: Sequence[Sequence[ImageInput]]) -> tuple[torch.Tensor | None, list[str]]:
+        if not videos:
+            return None, []
+        features, keys = [], []
+        for frames in videos:  # videos of different lengths are encoded one by one
+            pixels = self.processor.preprocess_videos([frames]).to(self.model.dtype)
+            feats, k = self.video_cache.encode(pixels, self.model.get_video_features)
+            features.append(feats)
+            keys += k
+        return torch.cat(features), keys
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def stream_batch(self, requests: Sequence[Request], params: SamplingParams) -> Iterator[list[str]]:
+        """Yield, each step, one text delta per request ("" for rows with nothing new); see `generate`."""
+        state = self._start(requests, params)
+        yield from self._run(state, params)
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        """Run a batch to completion; every row gives, token for token, what it would give alone."""
+        state = self._start(requests, params)
+        for _ in self._run(state, params):
+            pass
+        return state.completions()
+
+    def stream(self, request: Request, params: SamplingParams) -> Iterator[str]:
+        """Text deltas of one request; they concatenate to exactly the completion's text."""
+        for deltas in self.stream_batch([request], params):
+            if deltas[0]:
+                yield deltas[0]
+
+    def _start(self, requests: Sequence[Request], params: SamplingParams) -> _BatchState:
+        prompts = [r.prompt for r in requests]
+        images = [img for r in requests for img in r.images]
+        videos = [v for r in requests for v in r.videos]
+        check_media_count(prompts, len(images), len(videos))
+        ids = [self.processor.tokenize_prompt(p) for p in prompts]
+        batch = self.processor.pad(ids, padding_side="left")
+        image_features, _ = self.image_features(images)
+        video_features, _ = self.video_features(videos)
+        tokens = generate_tokens(
+            self.model, batch["input_ids"], batch["attention_mask"], params, image_features, video_features
+        )
+        detoks = [Detokenizer(self.processor.tokenizer, params.stop, self.eos_ids) for _ in requests]
+        return _BatchState(tokens, detoks, [len(x) for x in ids])
+
+    def _run(self, state: _BatchState, params: SamplingParams) -> Iterator[list[str]]:
+        for step_tokens in state.tokens:
+            deltas = [d.add(t) for d, t in zip(state.detoks, step_tokens.tolist(), strict=True)]
+            if all(d.finish_reason for d in state.detoks):
+                yield deltas
+                return
+            yield deltas
+        yield [d.finish() for d in state.detoks]
+
+
+@dataclass
+class _BatchState:
+    tokens: Iterator[torch.Tensor]
+    detoks: list[Detokenizer]
+    prompt_tokens: list[int]
+
+    def completions(self) -> list[Completion]:
+        return [
+            Completion(d.text, list(d.ids), d.finish_reason or "length", n)
+            for d, n in zip(self.detoks, self.prompt_tokens, strict=True)
+        ]

@@ -1,0 +1,88 @@
+"""Token generation as small pure functions over a KV cache: `forward_step`, `prefill`, and `generate_tokens`.
+
+This layer knows nothing of text: ids and visual features in, one token per row per step out. Batches are
+left-padded; positions come from the attention mask, so a padded row computes what it would compute alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from openowl.infer.sampling import SamplingParams, sample_next
+from openowl.model.owl import OwlForConditionalGeneration
+
+
+def new_cache(model: OwlForConditionalGeneration) -> DynamicCache:
+    return DynamicCache(config=model.language_model.config)
+
+
+def forward_step(
+    model: OwlForConditionalGeneration, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache
+) -> torch.Tensor:
+    """Run `(B, L, D)` new embeddings against the cache; `attention_mask` covers cache + new. -> `(B, V)` logits."""
+    out = model(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def prefill(
+    model: OwlForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: DynamicCache,
+    image_features: torch.Tensor | None = None,
+    video_features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Embed `(B, L)` prompt ids (visual tokens spliced in) and fill the cache. -> `(B, V)` logits of the last position.
+
+    With a non-empty cache (a reused prefix), `input_ids` are only the new tokens and the mask is extended over
+    the cached positions, which are all real tokens.
+    """
+    embeds = model.embed_inputs(input_ids, image_features=image_features, video_features=video_features)
+    attention_mask = attention_mask.to(embeds.device)
+    past = cache.get_seq_length()
+    if past:
+        attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], past), attention_mask], dim=1)
+    return forward_step(model, embeds, attention_mask, cache), attention_mask
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: OwlForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    params: SamplingParams,
+    image_features: torch.Tensor | None = None,
+    video_features: torch.Tensor | None = None,
+    cache: DynamicCache | None = None,
+    history: list[list[int]] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield `(B,)` next tokens, step by step, up to `params.max_new_tokens`; stop iterating to stop early.
+
+    Args:
+        history: each row's earlier text ids, for the repetition controls (defaults to the prompt's text ids).
+    """
+    cache = cache if cache is not None else new_cache(model)
+    logits, mask = prefill(model, input_ids, attention_mask, cache, image_features, video_features)
+    if history is None:
+        history = [[int(t) for t, m in zip(row, row_mask, strict=True) if m and t >= 0]
+                   for row, row_mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)]  # fmt: skip
+    generators = _generators(params.seed, len(history), logits.device)
+    for step in range(params.max_new_tokens):
+        token = sample_next(logits, params, history, generators)
+        yield token
+        if step + 1 == params.max_new_tokens:
+            return
+        for row, t in enumerate(token.tolist()):
+            history[row].append(t)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = forward_step(model, model.embed_text(token[:, None].to(model.device)), mask, cache)
+
+
+def _generators(seed: int | None, rows: int, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per row, all seeded alike: a row's sample depends on its prompt and seed, not its batch."""
+    if seed is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(rows)]
