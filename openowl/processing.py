@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import AutoTokenizer, BatchFeature, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
 
@@ -29,7 +30,7 @@ DEFAULT_SYSTEM = (
     "The following is a conversation between a curious human and AI assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-_LLAMA_TOKENIZER_CLASSES = {"MplugOwlTokenizer", "LlamaTokenizer", "LlamaTokenizerFast"}
+_LLAMA_TOKENIZER_CLASSES = {"MplugOwlTokenizer", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaSentencePieceTokenizer"}
 _TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 
 ImageInput = Image.Image | str | Path
@@ -128,6 +129,10 @@ class OwlProcessor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
+        if isinstance(self.tokenizer, LlamaSentencePieceTokenizer):  # keep the file loadable by upstream and HF
+            tokenizer_config = _read_json(folder / "tokenizer_config.json")
+            tokenizer_config["tokenizer_class"] = "LlamaTokenizer"
+            (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         config = {
             "resolution": self.image_size,
             "size": {"shortest_edge": self.image_size},
@@ -281,13 +286,25 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+class LlamaSentencePieceTokenizer(SentencePieceBackend):
+    """LLaMA's tokenizer as upstream ran it: SentencePiece itself, on `tokenizer.model`.
+
+    transformers 5's `LlamaTokenizer` is a `tokenizers` port that differs from SentencePiece on leading spaces and
+    runs of spaces (" What" -> "▁What" instead of "▁", "▁What"); the released models were trained with
+    SentencePiece. Decoding goes through SentencePiece too, so byte-fallback pieces become characters.
+    """
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self.sp_model.decode(tokens)
+
+
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer. `MplugOwlTokenizer` (upstream's name for a LLaMA tokenizer whose pad is
-    `<unk>`) and `LlamaTokenizer` both load as transformers' LLaMA tokenizer; anything else through AutoTokenizer.
+    `<unk>`) and `LlamaTokenizer` both load as SentencePiece LLaMA tokenizers; anything else through AutoTokenizer.
     """
     name = _read_json(folder / "tokenizer_config.json").get("tokenizer_class")
     if name in _LLAMA_TOKENIZER_CLASSES or (name is None and (folder / "tokenizer.model").is_file()):
-        tokenizer = LlamaTokenizer.from_pretrained(folder)
+        tokenizer = LlamaSentencePieceTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token
         return tokenizer

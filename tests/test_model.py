@@ -298,6 +298,27 @@ def test_left_padding_matches_unpadded(which, request):
 
 
 @torch.no_grad()
+def test_left_padding_position_ids_start_at_zero(tiny):
+    """RoPE is relative, so the logits alone can't see the positions; check what the LM is given."""
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["position_ids"] = kwargs.get("position_ids")
+
+    handle = tiny.language_model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        ids = _ids([2, 2, 1, 450, 13], [1, 910, 338, 263, 29871])
+        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        tiny(input_ids=ids, attention_mask=mask)
+        assert seen["position_ids"].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+        explicit = torch.tensor([[5, 6, 7, 8, 9]] * 2)
+        tiny(input_ids=ids, attention_mask=mask, position_ids=explicit)
+        assert torch.equal(seen["position_ids"], explicit)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
 def test_batched_left_padded_generation_matches_single(tiny):
     short = [1, 450, 4996, *IMG, 13, 29901, 319]
     long = [1, 910, 338, 263, 1243, *IMG, 29871]

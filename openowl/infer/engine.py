@@ -101,7 +101,7 @@ class ImageFeatureCache:
 
     @staticmethod
     def key(pixels: torch.Tensor) -> str:
-        return hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        return hashlib.sha256(pixels.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()).hexdigest()
 
     def encode(self, pixels: torch.Tensor, encoder) -> tuple[torch.Tensor, list[str]]:
         """`(N, ...)` pixels -> `(N, 65, D)` features, running `encoder` only on the ones not cached."""

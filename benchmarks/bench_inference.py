@@ -1,0 +1,337 @@
+"""Inference benchmark: what the engine achieves against the hardware limits, and against plain transformers.
+
+    python benchmarks/bench_inference.py --preset llama-1b --dtype bfloat16
+
+Random weights of a real shape (the `llama-1b` preset: the 7B ViT + abstractor and a 1.26 B LLaMA-shaped LM;
+`mplug-owl-7b` where memory allows). Prints a table and, last, one JSON line:
+
+- machine: measured read and copy bandwidth, bf16 / fp32 matmul peak;
+- time to first token (image + short prompt) and the FLOP/s it reached (ViT + abstractor + LM prefill);
+- decode tokens/s at batch 1, bytes read per step (LM weights + KV cache), achieved bandwidth and MBU;
+- the same LM under plain transformers `generate(inputs_embeds=...)` (the upstream path), same run;
+- int8 weight-only decode (torchao), batch 1/4/8 throughput, second chat turn with and without the prefix cache;
+- with --load-rss: peak RSS while loading a saved bf16 checkpoint, as a multiple of the weights' size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from openowl import OwlForConditionalGeneration, OwlProcessor, get_preset
+from openowl.infer.engine import Engine, Request
+from openowl.infer.generate import generate_tokens
+from openowl.infer.sampling import SamplingParams
+from openowl.infer.session import ChatSession
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tests" / "fixtures" / "parity-v1" / "checkpoint"
+IMAGE = ROOT / "tests" / "fixtures" / "parity-v1" / "images" / "image0.jpg"
+QUESTION = "Describe this image in detail."
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Best-of-`repeat` wall time of `fn()` in seconds (after one warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def machine_limits(device: torch.device) -> dict:
+    n = 256 * 1024 * 1024  # 1 GiB of float32
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    read = n * 4 / timed(lambda: src.sum().item())
+    copy = 2 * n * 4 / timed(lambda: (dst.copy_(src), _sync(device)))
+    peaks = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(2048, 2048, device=device, dtype=dtype)
+        b = torch.randn(2048, 2048, device=device, dtype=dtype)
+        peaks[str(dtype).removeprefix("torch.")] = 2 * 2048**3 / timed(lambda a=a, b=b: (a @ b, _sync(device)))
+    return {"read_gbps": read / 1e9, "copy_gbps": copy / 1e9, "bandwidth_gbps": max(read, copy) / 1e9,
+            "matmul_tflops": {k: v / 1e12 for k, v in peaks.items()}}  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+def random_model(preset: str, dtype: torch.dtype, device: torch.device) -> OwlForConditionalGeneration:
+    """A model of the preset's shape with N(0, 0.02) weights (norms at 1), allocated once, in `dtype`."""
+    with init_empty_weights(include_buffers=False):
+        model = OwlForConditionalGeneration(get_preset(preset))
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, p in list(model.named_parameters()):
+        value = torch.empty(p.shape, dtype=dtype, device=device)
+        module_name, _, attr = name.rpartition(".")
+        if module_name.endswith(("norm", "ln", "layernorm", "norm1", "norm2", "normk")):
+            value.fill_(1.0) if name.endswith("weight") else value.zero_()
+        else:
+            value.normal_(0.0, 0.02, generator=generator)
+        model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    return model.to(device).eval()
+
+
+def lm_bytes(model: OwlForConditionalGeneration) -> int:
+    """Bytes a decode step reads: every LM weight but the embedding table (a row lookup)."""
+    embed = model.language_model.get_input_embeddings().weight
+    return sum(_nbytes(p) for p in model.language_model.parameters() if p is not embed)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    inner = [getattr(t, name) for name in ("qdata", "scale", "int_data", "scale_and_zero") if hasattr(t, name)]
+    return sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
+
+
+def kv_bytes(model: OwlForConditionalGeneration, seq: int, batch: int = 1) -> int:
+    c = model.language_model.config
+    kv_heads = c.num_key_value_heads or c.num_attention_heads
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * seq * kv_heads * head_dim * batch * model.dtype.itemsize
+
+
+def prefill_flops(model: OwlForConditionalGeneration, prompt_len: int, images: int) -> float:
+    vision = sum(p.numel() for p in model.vision_model.parameters())
+    abstractor = sum(p.numel() for p in model.abstractor.parameters())
+    lm = (
+        sum(p.numel() for p in model.language_model.parameters())
+        - model.language_model.get_input_embeddings().weight.numel()
+    )
+    c = model.language_model.config
+    tokens = model.config.vision.num_positions
+    attn_lm = 2 * 2 * c.num_hidden_layers * prompt_len**2 * c.hidden_size
+    attn_vit = 2 * 2 * model.config.vision.num_hidden_layers * tokens**2 * model.config.vision.hidden_size
+    return (
+        2 * vision * tokens * images
+        + 2 * abstractor * model.config.num_query_tokens * images
+        + 2 * lm * prompt_len
+        + attn_lm
+        + attn_vit * images
+    )
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+
+def decode_run(engine: Engine, request: Request, new_tokens: int, batch: int = 1, repeat: int = 2) -> dict:
+    """Time to first token and decode tokens/s of our engine for `batch` copies of `request` (best of `repeat`,
+    after a short warm-up run)."""
+    _decode_once(engine, request, 2, batch)
+    runs = [_decode_once(engine, request, new_tokens, batch) for _ in range(repeat)]
+    return {"ttft_s": min(r["ttft_s"] for r in runs), "decode_tok_s": max(r["decode_tok_s"] for r in runs),
+            "prompt_len": runs[0]["prompt_len"]}  # fmt: skip
+
+
+def _decode_once(engine: Engine, request: Request, new_tokens: int, batch: int) -> dict:
+    model, processor = engine.model, engine.processor
+    ids = processor.pad([processor.tokenize_prompt(request.prompt)] * batch)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    engine.image_cache = type(engine.image_cache)()  # time the image encoding too
+    start = time.perf_counter()
+    features, _ = engine.image_features(list(request.images) * batch)
+    stream = generate_tokens(model, ids["input_ids"], ids["attention_mask"], params, image_features=features)
+    next(stream)
+    _sync(model.device)
+    first = time.perf_counter()
+    steps = sum(1 for _ in stream)
+    _sync(model.device)
+    end = time.perf_counter()
+    return {
+        "ttft_s": first - start,
+        "decode_tok_s": batch * steps / (end - first),
+        "prompt_len": ids["input_ids"].shape[1],
+    }
+
+
+def baseline_run(engine: Engine, request: Request, new_tokens: int) -> dict:
+    """The upstream path: transformers `generate` on spliced `inputs_embeds`, decode rate from 1 vs N tokens."""
+    model, processor = engine.model, engine.processor
+    ids = processor.pad([processor.tokenize_prompt(request.prompt)])
+    pixels = processor.preprocess_images(request.images).to(model.dtype)
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            embeds = model.embed_inputs(ids["input_ids"], pixel_values=pixels)
+            mask = ids["attention_mask"]
+            lm = model.language_model
+            lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _sync(model.device)
+        return time.perf_counter() - start
+
+    run(2)
+    one, full = min(run(1) for _ in range(2)), run(new_tokens)
+    return {"ttft_s": one, "decode_tok_s": (new_tokens - 1) / (full - one)}
+
+
+def second_turn(engine: Engine, request: Request) -> dict:
+    """Latency to the first token of a second chat turn, with the session's prefix cache and without it."""
+    params = SamplingParams(max_new_tokens=16)
+    session = ChatSession(engine, params=params)
+    "".join(session.ask(QUESTION, images=request.images))
+    first_token = params.with_(max_new_tokens=1)
+    start = time.perf_counter()
+    "".join(session.ask("What colours do you see?", params=first_token))
+    cached = time.perf_counter() - start
+    prompt = engine.processor.apply_chat_template(session.messages[:-1])
+    engine.image_cache = type(engine.image_cache)()
+    start = time.perf_counter()
+    engine.generate([Request(prompt, request.images)], first_token)
+    uncached = time.perf_counter() - start
+    return {"with_cache_s": cached, "without_cache_s": uncached, "speedup": uncached / cached,
+            "tokens_run_with_cache": session.last_prefill_tokens}  # fmt: skip
+
+
+def load_rss(model: OwlForConditionalGeneration) -> dict:
+    """Save in bf16, then load in a fresh process and read its peak RSS (VmHWM) above the start."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.to(torch.bfloat16).save_pretrained(folder)
+        weights = sum(p.numel() * 2 for p in model.state_dict().values())
+        code = (
+            "import torch, openowl\n"
+            "def rss(k): return int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) * 1024\n"
+            "base = rss('VmRSS:')\n"
+            f"openowl.OwlForConditionalGeneration.from_pretrained({folder!r}, dtype=torch.bfloat16)\n"
+            "print(rss('VmHWM:') - base)\n"
+        )
+        peak = int(
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]
+        )
+    return {"weights_gb": weights / 1e9, "peak_rss_gb": peak / 1e9, "ratio": peak / weights}
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="llama-1b", help="model shape (llama-1b, mplug-owl-7b, tiny)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--skip-baseline", action="store_true", help="don't time plain transformers generate")
+    parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--batches", default="1,4,8", help="batch sizes for throughput")
+    parser.add_argument("--load-rss", action="store_true", help="also measure peak RSS while loading (saves to /tmp)")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    result: dict = {
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        result["card"] = torch.cuda.get_device_name(device)
+    result["machine"] = machine_limits(device)
+    model = random_model(args.preset, dtype, device)
+    processor = OwlProcessor.from_pretrained(TOKENIZER)  # the real LLaMA tokenizer
+    processor.image_size = model.config.vision.image_size
+    engine = Engine(model, processor)
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    request = Request(processor.apply_chat_template([{"role": "user", "content": content}]), [IMAGE])
+    result["lm_params_b"] = sum(p.numel() for p in model.language_model.parameters()) / 1e9
+
+    ours = decode_run(engine, request, args.new_tokens)
+    step_bytes = lm_bytes(model) + kv_bytes(model, ours["prompt_len"] + args.new_tokens // 2)
+    ours["achieved_gbps"] = step_bytes * ours["decode_tok_s"] / 1e9
+    ours["mbu"] = ours["achieved_gbps"] / result["machine"]["bandwidth_gbps"]
+    ours["prefill_tflops"] = prefill_flops(model, ours["prompt_len"], 1) / ours["ttft_s"] / 1e12
+    ours["prefill_mfu"] = (
+        ours["prefill_tflops"]
+        / result["machine"]["matmul_tflops"][args.dtype if args.dtype != "float16" else "bfloat16"]
+    )
+    result["ours"] = ours
+    if not args.skip_baseline:
+        base = baseline_run(engine, request, args.new_tokens)
+        base["achieved_gbps"] = step_bytes * base["decode_tok_s"] / 1e9
+        base["mbu"] = base["achieved_gbps"] / result["machine"]["bandwidth_gbps"]
+        result["transformers_generate"] = base
+        result["speedup_vs_transformers"] = ours["decode_tok_s"] / base["decode_tok_s"]
+    result["batch_throughput_tok_s"] = {
+        b: decode_run(engine, request, args.new_tokens, batch=b)["decode_tok_s"]
+        for b in map(int, args.batches.split(","))
+    }
+    result["second_turn"] = second_turn(engine, request)
+    if args.load_rss:
+        result["load_rss"] = load_rss(model)
+    if not args.skip_int8:
+        from openowl.infer.quantize import quantize
+
+        quantize(model, "int8")
+        int8 = decode_run(engine, request, args.new_tokens)
+        int8["achieved_gbps"] = (
+            (lm_bytes(model) + kv_bytes(model, int8["prompt_len"] + args.new_tokens // 2)) * int8["decode_tok_s"] / 1e9
+        )
+        result["int8"] = int8
+        if "transformers_generate" in result:
+            result["int8_speedup_vs_transformers"] = (
+                int8["decode_tok_s"] / result["transformers_generate"]["decode_tok_s"]
+            )
+
+    print_table(result)
+    print(json.dumps(result))
+
+
+def print_table(r: dict) -> None:
+    m = r["machine"]
+    rows = [
+        ("machine read / copy bandwidth", f"{m['read_gbps']:.1f} / {m['copy_gbps']:.1f} GB/s"),
+        (
+            "matmul peak bf16 / fp32",
+            f"{m['matmul_tflops']['bfloat16']:.2f} / {m['matmul_tflops']['float32']:.2f} TFLOP/s",
+        ),
+        ("LM parameters", f"{r['lm_params_b']:.2f} B"),
+        (
+            "ours: time to first token",
+            f"{r['ours']['ttft_s'] * 1e3:.0f} ms ({r['ours']['prefill_mfu']:.0%} of matmul peak)",
+        ),
+        (
+            "ours: decode",
+            f"{r['ours']['decode_tok_s']:.2f} tok/s, {r['ours']['achieved_gbps']:.1f} GB/s, MBU {r['ours']['mbu']:.0%}",
+        ),
+    ]
+    if "transformers_generate" in r:
+        b = r["transformers_generate"]
+        rows.append(("transformers generate: decode", f"{b['decode_tok_s']:.2f} tok/s, MBU {b['mbu']:.0%}"))
+        rows.append(("speedup vs transformers", f"{r['speedup_vs_transformers']:.2f}x"))
+    if "int8" in r:
+        rows.append(("int8: decode", f"{r['int8']['decode_tok_s']:.2f} tok/s"))
+    for b, v in r["batch_throughput_tok_s"].items():
+        rows.append((f"batch {b} throughput", f"{v:.2f} tok/s"))
+    t = r["second_turn"]
+    rows.append(
+        (
+            "second turn, first token",
+            f"{t['with_cache_s'] * 1e3:.0f} ms cached vs {t['without_cache_s'] * 1e3:.0f} ms ({t['speedup']:.1f}x)",
+        )
+    )
+    if "load_rss" in r:
+        rows.append(("peak RSS while loading", f"{r['load_rss']['ratio']:.2f}x the weights"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
