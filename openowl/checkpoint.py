@@ -63,10 +63,16 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
+    patterns = HUB_FILES
+    try:  # fetch one weight format: safetensors where the repo has them
+        if any(name.endswith(".safetensors") for name in list_repo_files(repo_id, revision=revision)):
+            patterns = [p for p in HUB_FILES if p != "*.bin"]
+    except Exception:  # offline or unlisted: snapshot_download below says what is wrong, or uses the cache
+        pass
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as err:  # the hub client raises many types: offline, 404, gated, HTTP errors
         raise OSError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
@@ -75,12 +81,12 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint, preferring safetensors; sharded through the index json.
+    """The weight files of a checkpoint: safetensors (sharded, then single) before pickled `.bin`.
 
     Raises:
         CheckpointError: no weights, a broken index, or an index naming a missing shard.
     """
-    for index_name in (SAFE_INDEX, BIN_INDEX):
+    for index_name, single in ((SAFE_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
             try:
@@ -91,7 +97,6 @@ def weight_files(folder: Path) -> list[Path]:
             if missing:
                 raise CheckpointError(f"{index}: names shard(s) that are not in the folder: {', '.join(missing)}")
             return [folder / s for s in shards]
-    for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
             return [folder / single]
     raise CheckpointError(f"{folder}: no weights (model.safetensors, pytorch_model.bin or a sharded index)")
@@ -104,6 +109,7 @@ def weight_files(folder: Path) -> list[Path]:
 class TensorInfo:
     file: Path
     shape: tuple[int, ...]
+    name: str  # the key as stored in the file
 
 
 @contextmanager
@@ -171,7 +177,7 @@ def read_index(files: list[Path]) -> dict[str, TensorInfo]:
                     continue
                 if key in index:
                     raise CheckpointError(f"{file}: key {key!r} is also in {index[key].file}")
-                index[key] = TensorInfo(file, shape)
+                index[key] = TensorInfo(file, shape, key)
     return index
 
 
@@ -197,15 +203,31 @@ def reconcile_config(config: OwlConfig, index: dict[str, TensorInfo]) -> OwlConf
     return config
 
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The state-dict keys the model needs, with their shapes; tied weights appear once."""
-    seen: dict[int, str] = {}
-    out = {}
+def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The state-dict keys the model needs, with their shapes, and the other names of tied weights.
+
+    Returns:
+        `{key: shape}` with one key per tensor, and `{alias: key}` for tied weights (e.g. `lm_head.weight` tied
+        to `embed_tokens.weight`): a checkpoint may store a tied tensor under any of its names.
+    """
+    first: dict[int, str] = {}
+    shapes, aliases = {}, {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:  # a tied weight (e.g. lm_head = embed_tokens) is loaded through its first name
+        if id(tensor) in first:
+            aliases[key] = first[id(tensor)]
             continue
-        seen[id(tensor)] = key
-        out[key] = tuple(tensor.shape)
+        first[id(tensor)] = key
+        shapes[key] = tuple(tensor.shape)
+    return shapes, aliases
+
+
+def resolve_aliases(index: dict[str, TensorInfo], aliases: dict[str, str]) -> dict[str, TensorInfo]:
+    """Store each tied tensor under the model's first name for it (when both names are stored, the first wins)."""
+    out = {}
+    for key, info in index.items():
+        canonical = aliases.get(key, key)
+        if canonical not in out or canonical == key:
+            out[canonical] = info
     return out
 
 
@@ -237,13 +259,14 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-    return resolved
+    name = str(dtype).removeprefix("torch.")
+    if name not in LOAD_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return LOAD_DTYPES[name]
 
 
 def load_model(
@@ -268,12 +291,15 @@ def load_model(
     config = reconcile_config(config, index)
     with init_empty_weights(include_buffers=False):
         model = OwlForConditionalGeneration(config)
-    check_keys(expected_tensors(model), index, folder)
+    model.language_model.tie_weights()  # tie on the meta device too, so a tied tensor is expected once
+    expected, aliases = expected_tensors(model)
+    index = resolve_aliases(index, aliases)
+    check_keys(expected, index, folder)
     for file in files:
         with open_weights(file) as handle:
             for key, info in index.items():
                 if info.file == file:
-                    tensor = _get(handle, key)
+                    tensor = _get(handle, info.name)
                     if tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     _assign(model, key, tensor.to(device))

@@ -137,14 +137,17 @@ def _read_answers(path: Path) -> list[dict]:
     """Answers already written; a last line cut by an interrupted run is dropped (it will be recomputed)."""
     if not path.exists():
         return []
-    rows, lines = [], path.read_text().splitlines()
+    text = path.read_text()
+    rows, lines = [], text.splitlines()
     for number, line in enumerate(lines, start=1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if number != len(lines):
                 raise ValueError(f"{path}:{number}: not valid JSON; fix or remove the line") from None
-            path.write_text("".join(f"{x}\n" for x in lines[:-1]))
+    if len(rows) < len(lines) or (text and not text.endswith("\n")):
+        # Drop a cut last line, and end the file with a newline: the next answer must not be glued to the last one.
+        path.write_text("".join(f"{x}\n" for x in lines[: len(rows)]))
     return rows
 
 

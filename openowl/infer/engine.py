@@ -67,15 +67,20 @@ class Detokenizer:
         return self._emit(full[: len(full) - _stop_prefix_length(full, self.stop)])
 
     def finish(self) -> str:
-        """The budget ran out: release any held-back text."""
-        self.finish_reason = self.finish_reason or "length"
+        """The budget ran out: release any held-back text (nothing for a row that already stopped)."""
+        if self.finish_reason:  # EOS or a stop string: the text is final (it must not regain the stop string)
+            return ""
+        self.finish_reason = "length"
         return self._emit(self._decoded().rstrip("\ufffd"))
 
     def _decoded(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _emit(self, upto: str) -> str:
-        delta = upto[len(self.text) :] if upto.startswith(self.text) else ""
+        # Normally `upto` extends what was emitted. After invalid UTF-8 (stray byte tokens) the decoder may rewrite
+        # earlier characters as U+FFFD; emitted text can't be taken back, so carry on from the same offset rather
+        # than dropping everything that follows.
+        delta = upto[len(self.text) :]
         self.text += delta
         return delta
 

@@ -34,8 +34,9 @@ def prefill(
     cache: DynamicCache,
     image_features: torch.Tensor | None = None,
     video_features: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Embed `(B, L)` prompt ids (visual tokens spliced in) and fill the cache. -> `(B, V)` logits of the last position.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed `(B, L)` prompt ids (visual tokens spliced in) and fill the cache. -> `(B, V)` logits of the last
+    position, and the attention mask over cache + prompt (to extend step by step).
 
     With a non-empty cache (a reused prefix), `input_ids` are only the new tokens and the mask is extended over
     the cached positions, which are all real tokens.

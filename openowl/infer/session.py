@@ -17,7 +17,7 @@ from openowl.infer.engine import Detokenizer, Engine
 from openowl.infer.generate import generate_tokens, new_cache
 from openowl.infer.sampling import SamplingParams
 from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
-from openowl.processing import ImageInput
+from openowl.processing import ImageInput, load_image
 
 
 class ChatSession:
@@ -52,7 +52,9 @@ class ChatSession:
         from openowl.infer.video import load_video_frames
 
         params = params or self.params
-        videos = [load_video_frames(v) if isinstance(v, str | Path) else list(v) for v in videos]
+        # Read every file before touching the history: a bad path raises here and leaves the session usable.
+        images = [load_image(img) for img in images]
+        videos = [load_video_frames(v) if isinstance(v, str | Path) else [load_image(f) for f in v] for v in videos]
         parts = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
         self.messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
         self.images += list(images)
