@@ -94,16 +94,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give either --prompt (one answer) or --input FILE.jsonl (a batch)")
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output FILE.jsonl")
+    params = _sampling(args)  # bad sampling flags fail before the model loads
     if args.prompt is not None:
         images = [load_image(path) for path in args.image]  # fail fast, before the model loads
         videos = _videos(args.video)
         engine = _engine(args)
         request = Request(_user_prompt(engine.processor, args.prompt, len(images), len(videos)), images, videos)
-        for delta in engine.stream(request, _sampling(args)):
+        for delta in engine.stream(request, params):
             print(delta, end="", flush=True)
         print()
         return 0
-    return _generate_file(args, _sampling(args))
+    return _generate_file(args, params)
 
 
 def _videos(paths: list[str]) -> list:
@@ -198,10 +199,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from openowl.infer.session import ChatSession
     from openowl.processing import load_image
 
+    params = _sampling(args)
     pending_images = [load_image(path) for path in args.image]
     pending_videos: list = []
     engine = _engine(args)
-    session = ChatSession(engine, params=_sampling(args))
+    session = ChatSession(engine, params=params)
     interactive = sys.stdin.isatty()
     print(f"openowl chat — {args.model}\n{CHAT_HELP}", file=sys.stderr)
     for line in _input_lines(interactive):

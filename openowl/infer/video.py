@@ -30,14 +30,23 @@ def load_video_frames(path: str | Path, num_frames: int = 4, size: int = 224) ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such video file")
+    # Two passes (count, then convert only the chosen frames): holding every decoded frame of a long video as an
+    # RGB image would take gigabytes.
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path}: has no video stream")
-            frames = [frame.to_image() for frame in container.decode(video=0)]
+            total = sum(1 for _ in container.decode(video=0))
+        if not total:
+            raise ValueError(f"{path}: no frames could be decoded")
+        wanted = segment_centre_indices(total, num_frames)
+        chosen: dict[int, Image.Image] = {}
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    chosen[index] = frame.to_image()
+                if index >= wanted[-1]:
+                    break
     except av.error.FFmpegError as err:
         raise ValueError(f"{path}: not a readable video ({err})") from err
-    if not frames:
-        raise ValueError(f"{path}: no frames could be decoded")
-    picked = [frames[i] for i in segment_centre_indices(len(frames), num_frames)]
-    return [frame.convert("RGB").resize((size, size), Image.BICUBIC) for frame in picked]
+    return [chosen[i].convert("RGB").resize((size, size), Image.BICUBIC) for i in wanted]
