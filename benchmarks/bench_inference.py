@@ -28,7 +28,6 @@ from accelerate import init_empty_weights
 
 from openowl import OwlForConditionalGeneration, OwlProcessor, get_preset
 from openowl.infer.engine import Engine, Request
-from openowl.infer.generate import generate_tokens
 from openowl.infer.sampling import SamplingParams
 from openowl.infer.session import ChatSession
 
@@ -142,29 +141,26 @@ def decode_run(engine: Engine, request: Request, new_tokens: int, batch: int = 1
 
 
 def _decode_once(engine: Engine, request: Request, new_tokens: int, batch: int) -> dict:
-    model, processor = engine.model, engine.processor
-    ids = processor.pad([processor.tokenize_prompt(request.prompt)] * batch)
-    params = SamplingParams(max_new_tokens=new_tokens)
     engine.image_cache = type(engine.image_cache)()  # time the image encoding too
+    device = engine.model.device
     start = time.perf_counter()
-    features, _ = engine.image_features(list(request.images) * batch)
-    stream = generate_tokens(model, ids["input_ids"], ids["attention_mask"], params, image_features=features)
+    stream, lengths = engine.token_stream([request] * batch, SamplingParams(max_new_tokens=new_tokens))
     next(stream)
-    _sync(model.device)
+    _sync(device)
     first = time.perf_counter()
     steps = sum(1 for _ in stream)
-    _sync(model.device)
+    _sync(device)
     end = time.perf_counter()
-    return {
-        "ttft_s": first - start,
-        "decode_tok_s": batch * steps / (end - first),
-        "prompt_len": ids["input_ids"].shape[1],
-    }
+    return {"ttft_s": first - start, "decode_tok_s": batch * steps / (end - first), "prompt_len": lengths[0]}
 
 
-def baseline_run(engine: Engine, request: Request, new_tokens: int) -> dict:
-    """The upstream path: transformers `generate` on spliced `inputs_embeds`, decode rate from 1 vs N tokens."""
-    model, processor = engine.model, engine.processor
+def baseline_run(
+    model: OwlForConditionalGeneration, processor: OwlProcessor, request: Request, new_tokens: int
+) -> dict:
+    """The upstream path: transformers `generate` on spliced `inputs_embeds`, decode rate from 1 vs N tokens.
+
+    Run it before an `Engine` is built on the model: the engine swaps in its decoding kernels.
+    """
     ids = processor.pad([processor.tokenize_prompt(request.prompt)])
     pixels = processor.preprocess_images(request.images).to(model.dtype)
 
@@ -183,9 +179,9 @@ def baseline_run(engine: Engine, request: Request, new_tokens: int) -> dict:
     return {"ttft_s": one, "decode_tok_s": (new_tokens - 1) / (full - one)}
 
 
-def second_turn(engine: Engine, request: Request) -> dict:
+def second_turn(engine: Engine, request: Request, new_tokens: int) -> dict:
     """Latency to the first token of a second chat turn, with the session's prefix cache and without it."""
-    params = SamplingParams(max_new_tokens=16)
+    params = SamplingParams(max_new_tokens=new_tokens)
     session = ChatSession(engine, params=params)
     "".join(session.ask(QUESTION, images=request.images))
     first_token = params.with_(max_new_tokens=1)
@@ -232,6 +228,7 @@ def main() -> None:
     parser.add_argument("--skip-int8", action="store_true")
     parser.add_argument("--batches", default="1,4,8", help="batch sizes for throughput")
     parser.add_argument("--load-rss", action="store_true", help="also measure peak RSS while loading (saves to /tmp)")
+    parser.add_argument("--compile", action="store_true", help="decode with torch.compile and a static cache")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
@@ -247,23 +244,22 @@ def main() -> None:
     model = random_model(args.preset, dtype, device)
     processor = OwlProcessor.from_pretrained(TOKENIZER)  # the real LLaMA tokenizer
     processor.image_size = model.config.vision.image_size
-    engine = Engine(model, processor)
     content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
     request = Request(processor.apply_chat_template([{"role": "user", "content": content}]), [IMAGE])
     result["lm_params_b"] = sum(p.numel() for p in model.language_model.parameters()) / 1e9
+    if not args.skip_baseline:
+        base = baseline_run(model, processor, request, args.new_tokens)
+    engine = Engine(model, processor, compile=args.compile)
 
     ours = decode_run(engine, request, args.new_tokens)
     step_bytes = lm_bytes(model) + kv_bytes(model, ours["prompt_len"] + args.new_tokens // 2)
     ours["achieved_gbps"] = step_bytes * ours["decode_tok_s"] / 1e9
     ours["mbu"] = ours["achieved_gbps"] / result["machine"]["bandwidth_gbps"]
     ours["prefill_tflops"] = prefill_flops(model, ours["prompt_len"], 1) / ours["ttft_s"] / 1e12
-    ours["prefill_mfu"] = (
-        ours["prefill_tflops"]
-        / result["machine"]["matmul_tflops"][args.dtype if args.dtype != "float16" else "bfloat16"]
-    )
+    peak = result["machine"]["matmul_tflops"]["float32" if args.dtype == "float32" else "bfloat16"]
+    ours["prefill_mfu"] = ours["prefill_tflops"] / peak
     result["ours"] = ours
     if not args.skip_baseline:
-        base = baseline_run(engine, request, args.new_tokens)
         base["achieved_gbps"] = step_bytes * base["decode_tok_s"] / 1e9
         base["mbu"] = base["achieved_gbps"] / result["machine"]["bandwidth_gbps"]
         result["transformers_generate"] = base
@@ -272,7 +268,7 @@ def main() -> None:
         b: decode_run(engine, request, args.new_tokens, batch=b)["decode_tok_s"]
         for b in map(int, args.batches.split(","))
     }
-    result["second_turn"] = second_turn(engine, request)
+    result["second_turn"] = second_turn(engine, request, args.new_tokens)
     if args.load_rss:
         result["load_rss"] = load_rss(model)
     if not args.skip_int8:

@@ -36,6 +36,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--quantize", choices=["int8", "int4"], help="weight-only quantization of the language model (torchao)"
     )
+    group.add_argument(
+        "--compile", action="store_true", help="decode through torch.compile with a static cache (best on GPUs)"
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def _engine(args: argparse.Namespace):
     model = OwlForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if args.quantize:
         quantize(model, args.quantize)
-    return Engine(model, processor)
+    return Engine(model, processor, compile=args.compile)
 
 
 def _user_prompt(processor, text: str, num_images: int, num_videos: int = 0) -> str:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from openowl.infer.generate import generate_tokens
+from openowl.infer.generate import decode_one_token, generate_tokens, static_cache
+from openowl.infer.kernels import use_matvec_linears
 from openowl.infer.sampling import SamplingParams
 from openowl.model.owl import OwlForConditionalGeneration
 from openowl.processing import ImageInput, OwlProcessor, check_media_count
@@ -129,7 +130,18 @@ class ImageFeatureCache:
 class Engine:
     """Batched and streaming generation over one model and its processor."""
 
-    def __init__(self, model: OwlForConditionalGeneration, processor: OwlProcessor, image_cache_size: int = 256):
+    def __init__(
+        self,
+        model: OwlForConditionalGeneration,
+        processor: OwlProcessor,
+        image_cache_size: int = 256,
+        compile: bool = False,
+    ):
+        """
+        Args:
+            compile: decode with a static KV cache through `torch.compile` (CUDA graphs on GPUs). The first
+                request of each batch size and length bucket pays for compiling; later ones run fast.
+        """
         self.model = model
         self.processor = processor
         self.image_cache = ImageFeatureCache(image_cache_size)
@@ -137,6 +149,13 @@ class Engine:
         eos = model.language_model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = frozenset(e for e in [processor.tokenizer.eos_token_id, *eos] if e is not None)
+        if model.device.type == "cpu":
+            use_matvec_linears(model.language_model)
+        self._decode = decode_one_token
+        if compile:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._decode = torch.compile(decode_one_token, mode=mode, dynamic=False)
+        self.compiled = compile
 
     # --- visual features -----------------------------------------------------------------------
 
@@ -179,7 +198,14 @@ class Engine:
             if deltas[0]:
                 yield deltas[0]
 
-    def _start(self, requests: Sequence[Request], params: SamplingParams) -> _BatchState:
+    def token_stream(
+        self, requests: Sequence[Request], params: SamplingParams
+    ) -> tuple[Iterator[torch.Tensor], list[int]]:
+        """Tokenize, encode the media (through the feature caches) and start decoding.
+
+        Returns:
+            an iterator of `(B,)` next tokens, one per step, and each prompt's length in tokens.
+        """
         prompts = [r.prompt for r in requests]
         images = [img for r in requests for img in r.images]
         videos = [v for r in requests for v in r.videos]
@@ -188,11 +214,19 @@ class Engine:
         batch = self.processor.pad(ids, padding_side="left")
         image_features, _ = self.image_features(images)
         video_features, _ = self.video_features(videos)
+        cache = None
+        if self.compiled:  # lengths rounded up to a bucket, so that few shapes get compiled
+            cache = static_cache(self.model, -(-(batch["input_ids"].shape[1] + params.max_new_tokens) // 256) * 256)
         tokens = generate_tokens(
-            self.model, batch["input_ids"], batch["attention_mask"], params, image_features, video_features
-        )
+            self.model, batch["input_ids"], batch["attention_mask"], params, image_features, video_features,
+            cache=cache, decode=self._decode,
+        )  # fmt: skip
+        return tokens, [len(x) for x in ids]
+
+    def _start(self, requests: Sequence[Request], params: SamplingParams) -> _BatchState:
+        tokens, prompt_lengths = self.token_stream(requests, params)
         detoks = [Detokenizer(self.processor.tokenizer, params.stop, self.eos_ids) for _ in requests]
-        return _BatchState(tokens, detoks, [len(x) for x in ids])
+        return _BatchState(tokens, detoks, prompt_lengths)
 
     def _run(self, state: _BatchState, params: SamplingParams) -> Iterator[list[str]]:
         for step_tokens in state.tokens:

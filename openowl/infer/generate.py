@@ -6,10 +6,10 @@ left-padded; positions come from the attention mask, so a padded row computes wh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache, StaticCache
 
 from openowl.infer.sampling import SamplingParams, sample_next
 from openowl.model.owl import OwlForConditionalGeneration
@@ -49,6 +49,23 @@ def prefill(
     return forward_step(model, embeds, attention_mask, cache), attention_mask
 
 
+def decode_one_token(
+    model: OwlForConditionalGeneration,
+    token: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Cache,
+) -> torch.Tensor:
+    """One decoding step: `(B,)` tokens at `(B, 1)` positions -> `(B, V)` logits. With a static cache the mask has
+    the cache's full length and this function sees the same shapes every step (compile it)."""
+    embeds = model.embed_text(token[:, None])
+    out = model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True,
+        logits_to_keep=1,
+    )  # fmt: skip
+    return out.logits[:, -1]
+
+
 @torch.no_grad()
 def generate_tokens(
     model: OwlForConditionalGeneration,
@@ -57,20 +74,27 @@ def generate_tokens(
     params: SamplingParams,
     image_features: torch.Tensor | None = None,
     video_features: torch.Tensor | None = None,
-    cache: DynamicCache | None = None,
+    cache: Cache | None = None,
     history: list[list[int]] | None = None,
+    decode: Callable = decode_one_token,
 ) -> Iterator[torch.Tensor]:
     """Yield `(B,)` next tokens, step by step, up to `params.max_new_tokens`; stop iterating to stop early.
 
     Args:
+        cache: a DynamicCache (default; may hold a reused prefix) or a StaticCache sized for prompt + new tokens.
         history: each row's earlier text ids, for the repetition controls (defaults to the prompt's text ids).
+        decode: the decoding step, e.g. `torch.compile(decode_one_token, mode="reduce-overhead")`.
     """
     cache = cache if cache is not None else new_cache(model)
     logits, mask = prefill(model, input_ids, attention_mask, cache, image_features, video_features)
     if history is None:
         history = [[int(t) for t, m in zip(row, row_mask, strict=True) if m and t >= 0]
                    for row, row_mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)]  # fmt: skip
-    generators = _generators(params.seed, len(history), logits.device)
+    static = isinstance(cache, StaticCache)
+    rows, used = mask.shape
+    width = cache.get_max_length() if static else used + params.max_new_tokens
+    full = torch.cat([mask, mask.new_zeros(rows, width - used)], dim=1)  # the mask over every future position
+    generators = _generators(params.seed, rows, logits.device)
     for step in range(params.max_new_tokens):
         token = sample_next(logits, params, history, generators)
         yield token
@@ -78,8 +102,15 @@ def generate_tokens(
             return
         for row, t in enumerate(token.tolist()):
             history[row].append(t)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = forward_step(model, model.embed_text(token[:, None].to(model.device)), mask, cache)
+        full[:, used] = 1
+        used += 1
+        positions = full[:, :used].sum(-1, keepdim=True) - 1  # (B, 1)
+        logits = decode(model, token.to(model.device), full if static else full[:, :used], positions, cache)
+
+
+def static_cache(model: OwlForConditionalGeneration, max_len: int) -> StaticCache:
+    """A preallocated cache for `max_len` positions (prompt + new tokens), for compiled decoding."""
+    return StaticCache(config=model.language_model.config, max_cache_len=max_len)
 
 
 def _generators(seed: int | None, rows: int, device: torch.device) -> list[torch.Generator] | None:
