@@ -274,8 +274,16 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
 ) -> OwlForConditionalGeneration:
     """Build the model for a checkpoint and fill it; all-or-nothing.
+
+    Args:
+        device: where every weight goes, unless `device_map` is given.
+        device_map: "auto" (spread over the GPUs, then the CPU, whole layers at a time, by accelerate) or an
+            explicit `{module name: device}` map; each tensor is loaded straight onto its device.
+        max_memory: per-device budgets for "auto", e.g. `{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}`.
 
     Raises:
         CheckpointError: a damaged file, an unknown model_type, or tensors that don't fit the model.
@@ -295,6 +303,7 @@ def load_model(
     expected, aliases = expected_tensors(model)
     index = resolve_aliases(index, aliases)
     check_keys(expected, index, folder)
+    placement = _device_map(model, device_map, max_memory, dtype) if device_map is not None else {"": device}
     for file in files:
         with open_weights(file) as handle:
             for key, info in index.items():
@@ -302,10 +311,33 @@ def load_model(
                     tensor = _get(handle, info.name)
                     if tensor.is_floating_point():
                         tensor = tensor.to(dtype)
-                    _assign(model, key, tensor.to(device))
+                    _assign(model, key, tensor.to(_device_of(key, placement)))
     model.language_model.tie_weights()
-    model.to(device)  # non-persistent buffers (RoPE frequencies) follow the weights
+    if device_map is None:
+        model.to(device)  # non-persistent buffers (RoPE frequencies) follow the weights
+    else:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=placement)  # hooks move activations between devices
     return model.eval()
+
+
+def _device_map(model: nn.Module, device_map, max_memory, dtype: torch.dtype) -> dict[str, str | int]:
+    if device_map != "auto":
+        return dict(device_map)
+    from accelerate import infer_auto_device_map
+
+    layer_classes = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))}
+    no_split = ["VisionLayer", "AbstractorLayer", "VisualAbstractor", *sorted(layer_classes)]
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+
+
+def _device_of(key: str, placement: dict[str, str | int]) -> str | int | torch.device:
+    """The device of the longest module prefix of `key` in the map."""
+    for prefix in sorted(placement, key=len, reverse=True):
+        if prefix == "" or key == prefix or key.startswith(prefix + "."):
+            return placement[prefix]
+    raise CheckpointError(f"device_map places no module that holds {key!r}")
 
 
 # --- saving --------------------------------------------------------------------------------------

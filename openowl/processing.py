@@ -166,9 +166,9 @@ class OwlProcessor:
 
     # --- text ------------------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str) -> list[int]:
+    def tokenize_prompt(self, prompt: str, add_bos: bool = True) -> list[int]:
         """BOS + chunk-wise token ids, each tag expanded to `num_visual_tokens` placeholder ids."""
-        ids = [self.tokenizer.bos_token_id]
+        ids = [self.tokenizer.bos_token_id] if add_bos else []
         for chunk in _TAG_SPLIT.split(prompt):
             if chunk == IMAGE_TAG:
                 ids += [IMAGE_PLACEHOLDER_ID] * self.num_visual_tokens

@@ -13,7 +13,7 @@ from PIL import Image
 from openowl import OwlForConditionalGeneration, OwlProcessor, build_prompt
 from openowl.config import get_preset
 from openowl.infer.engine import Detokenizer, Engine, Request
-from openowl.infer.generate import forward_step, new_cache, prefill
+from openowl.infer.generate import forward_step, generate_tokens, new_cache, prefill
 from openowl.infer.sampling import SamplingParams, apply_repetition_penalty, banned_ngram_tokens, sample_next
 from openowl.infer.session import ChatSession
 
@@ -364,21 +364,25 @@ def _say(session: ChatSession, text: str, **kwargs) -> str:
 
 
 def _without_cache(engine: Engine, session: ChatSession, params: SamplingParams) -> str:
-    """The answer of the last turn, recomputed from the session's history by a fresh engine."""
-    prompt = engine.processor.apply_chat_template(session.messages[:-1])
+    """The last answer recomputed from scratch: the same prompt ids, every image encoded again, a new cache."""
     fresh = Engine(engine.model, engine.processor)
-    return fresh.generate([Request(prompt, list(session.images), list(session.videos))], params)[0].text
-
-
-def _prompt_length(session: ChatSession) -> int:
-    processor = session.engine.processor
-    return len(processor.tokenize_prompt(processor.apply_chat_template(session.messages[:-1])))
+    ids = torch.tensor([session.last_prompt_ids])
+    image_features, _ = fresh.image_features(session.images)
+    video_features, _ = fresh.video_features(session.videos)
+    detok = Detokenizer(engine.processor.tokenizer, params.stop, engine.eos_ids)
+    for token in generate_tokens(engine.model, ids, torch.ones_like(ids), params, image_features, video_features):
+        detok.add(int(token[0]))
+        if detok.finish_reason:
+            break
+    else:
+        detok.finish()
+    return detok.text
 
 
 def _assert_cache_matches_fresh_prefill(session: ChatSession):
     """The session's cached keys and values of the last prompt equal those of a fresh prefill of it."""
     engine = session.engine
-    ids = engine.processor.tokenize_prompt(engine.processor.apply_chat_template(session.messages[:-1]))
+    ids = session.last_prompt_ids
     image_features, _ = engine.image_features(session.images)
     video_features, _ = engine.video_features(session.videos)
     fresh = new_cache(engine.model)
@@ -394,46 +398,62 @@ def test_chat_session_reuses_the_cache(engine):
     params = SamplingParams(max_new_tokens=6)
     session = ChatSession(engine, params=params)
     first = _say(session, "Describe this image.", images=[Image.open(IMAGES / "image0.jpg")])
-    assert session.last_prefill_tokens == _prompt_length(session)
+    # The first turn is exactly the upstream prompt.
+    processor = engine.processor
+    assert session.last_prompt_ids == processor.tokenize_prompt(processor.apply_chat_template(session.messages[:-1]))
+    assert session.last_prefill_tokens == len(session.last_prompt_ids)
     assert first == _without_cache(engine, session, params)
 
     second = _say(session, "And what else?")
     assert session.messages[-1] == {"role": "assistant", "content": second}
-    assert 0 < session.last_prefill_tokens < _prompt_length(session)
-    assert session.last_prefill_tokens < 30  # the image block and the first answer came from the cache
+    assert 0 < session.last_prefill_tokens < 20  # only the new question: the image block and the answer are cached
     assert second == _without_cache(engine, session, params)
 
-    # A new image in a later turn.
+    # A new image in a later turn: only it is looked up (older images are in the KV cache), and its block is run.
+    lookups = engine.image_cache.hits + engine.image_cache.misses
     third = _say(session, "Compare with this one.", images=[Image.open(IMAGES / "image1.jpg")])
-    assert engine.model.num_visual_tokens < session.last_prefill_tokens < _prompt_length(session)
+    assert engine.image_cache.hits + engine.image_cache.misses - lookups == 1
+    assert engine.model.num_visual_tokens < session.last_prefill_tokens < engine.model.num_visual_tokens + 30
     assert third == _without_cache(engine, session, params)
     assert len(session.images) == 2
 
     # The same picture again, as another object: its features come from the image cache.
     hits = engine.image_cache.hits
     fourth = _say(session, "Again?", images=[Image.open(IMAGES / "image0.jpg")])
-    assert engine.image_cache.hits - hits == 3  # both earlier images and the re-opened one
+    assert engine.image_cache.hits - hits == 1
     assert fourth == _without_cache(engine, session, params)
     _assert_cache_matches_fresh_prefill(session)
 
     session.reset()
-    assert session.messages == [] and session.images == [] and session._cache.get_seq_length() == 0
+    assert session.messages == [] and session.images == [] and session.ids == []
+    assert session._cache.get_seq_length() == 0
     fresh = _say(session, "Describe this image.", images=[IMAGES / "image0.jpg"])
-    assert fresh == first and session.last_prefill_tokens == _prompt_length(session)
+    assert fresh == first and session.last_prefill_tokens == len(session.last_prompt_ids)
 
 
-def test_chat_session_different_image_at_the_same_placeholders(engine):
-    """Redo the last turn with another image: identical token ids, but the image block must be recomputed."""
-    params = SamplingParams(max_new_tokens=5)
+def test_chat_session_history_layout(engine):
+    """Each answer is followed by EOS (as in upstream training data) and the next turn starts with "\nHuman:"."""
+    params = SamplingParams(max_new_tokens=4)
     session = ChatSession(engine, params=params)
     _say(session, "Hello there.")
+    first_prompt = list(session.last_prompt_ids)
     _say(session, "What is this?", images=[Image.open(IMAGES / "image1.jpg")])
-    session.messages = session.messages[:-2]  # take the last turn back
-    session.images = session.images[:-1]
-    answer = _say(session, "What is this?", images=[Image.open(IMAGES / "image2.jpg")])
-    assert session.last_prefill_tokens > engine.model.num_visual_tokens  # the new image's block was run
-    assert answer == _without_cache(engine, session, params)
+    tokenizer = engine.processor.tokenizer
+    rest = session.last_prompt_ids[len(first_prompt) :]
+    eos_at = rest.index(tokenizer.eos_token_id)
+    answer_ids = rest[:eos_at]
+    assert tokenizer.decode(answer_ids, skip_special_tokens=True) == session.messages[1]["content"]
+    turn = rest[eos_at + 1 :]
+    expected = engine.processor.tokenize_prompt("\nHuman: <image>\nHuman: What is this?\nAI: ", add_bos=False)
+    assert turn == expected
     _assert_cache_matches_fresh_prefill(session)
+
+
+def test_chat_session_refuses_tags_in_text(engine):
+    session = ChatSession(engine, params=SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="<image>"):
+        _say(session, "What is <image> here?")
+    assert session.messages == [] and session.ids == []
 
 
 def test_chat_session_bad_image_leaves_history_untouched(engine, tmp_path):
@@ -443,6 +463,10 @@ def test_chat_session_bad_image_leaves_history_untouched(engine, tmp_path):
     with pytest.raises(FileNotFoundError):
         _say(session, "Look.", images=[tmp_path / "missing.jpg"])
     assert session.messages == before and session.images == []
+    ids_before = list(session.ids)
+    with pytest.raises(FileNotFoundError):
+        _say(session, "Look.", images=[tmp_path / "missing.jpg"])
+    assert session.ids == ids_before
     _say(session, "Still there?")
     assert len(session.messages) == 4
 
@@ -587,8 +611,8 @@ def test_video_turn_in_a_chat_session(video_model, video_file):
     alone = Engine(video_model, video_processor).generate([Request(prompt, videos=[frames])], params)[0]
     assert answer == alone.text and len(alone.token_ids) == 6
     follow_up = _say(session, "And then?")
-    assert session.last_prefill_tokens < _prompt_length(session) - video_model.num_visual_tokens
-    assert engine.video_cache.hits >= 1
+    assert session.last_prefill_tokens < len(session.last_prompt_ids) - video_model.num_visual_tokens
+    assert engine.video_cache.misses == 1  # the video was encoded once, for the turn that brought it
     assert follow_up == _without_cache(engine, session, params)
     # Batched with a text-only row, the video row gives what it gives alone.
     batch = engine.generate([Request(prompt, videos=[frames]), Request(_prompt("Hi"))], params)

@@ -100,8 +100,9 @@ def generate_tokens(
         yield token
         if step + 1 == params.max_new_tokens:
             return
-        for row, t in enumerate(token.tolist()):
-            history[row].append(t)
+        if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size:
+            for row, t in enumerate(token.tolist()):
+                history[row].append(t)
         full[:, used] = 1
         used += 1
         positions = full[:, :used].sum(-1, keepdim=True) - 1  # (B, 1)

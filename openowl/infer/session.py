@@ -1,9 +1,14 @@
-"""A multi-turn chat that keeps its KV cache: each turn only runs the tokens the cache doesn't already hold.
+"""A multi-turn chat that keeps its KV cache: each turn runs only its own new tokens.
 
-The prompt of every turn is built from the whole history in the upstream template and tokenized exactly as a
-fresh prompt would be; the session then finds the longest prefix it has already computed — comparing token ids,
-and image identities (content hashes) at placeholder positions — crops the cache there and runs the rest. The
-result is the same as recomputing the whole prompt, without the cost.
+The session holds the conversation as token ids, in the upstream template: the first turn is tokenized as a
+fresh prompt (BOS, system line, `Human:` lines, `AI: `); each answer stays as the ids the model generated,
+followed by EOS (as in upstream's training data, where an EOS ends every answer); each later turn appends
+`\\nHuman: ...\\nAI: ` tokenized chunk by chunk. The cache always holds a prefix of these ids, so a turn runs only
+what the model has not seen: the new question, its images, and the answer's last token.
+
+(Re-tokenizing the whole history as text, as a stateless server does, would give different ids at every
+answer's start — the prompt ends in "▁" and the answer's first word carries its own — and so would recompute
+every answer.)
 """
 
 from __future__ import annotations
@@ -16,8 +21,7 @@ import torch
 from openowl.infer.engine import Detokenizer, Engine
 from openowl.infer.generate import generate_tokens, new_cache
 from openowl.infer.sampling import SamplingParams
-from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
-from openowl.processing import ImageInput, load_image
+from openowl.processing import ImageInput, build_prompt, check_media_count, load_image
 
 
 class ChatSession:
@@ -34,9 +38,10 @@ class ChatSession:
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.images: list[ImageInput] = []
         self.videos: list[Sequence[ImageInput]] = []
+        self.ids: list[int] = []  # the whole conversation, placeholders included
+        self.last_prompt_ids: list[int] = []  # the ids the last answer was generated from
         self._cache = new_cache(self.engine.model)
-        self._cached_keys: list = []
-        self.last_prefill_tokens = 0  # how many prompt tokens the last turn actually ran
+        self.last_prefill_tokens = 0  # how many tokens the last turn actually ran before its answer
 
     def ask(
         self,
@@ -56,79 +61,57 @@ class ChatSession:
         images = [load_image(img) for img in images]
         videos = [load_video_frames(v) if isinstance(v, str | Path) else [load_image(f) for f in v] for v in videos]
         parts = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-        self.messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
-        self.images += list(images)
+        message = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+        turn_ids = self._tokenize_turn(message, len(images), len(videos))
+        self.messages.append(message)
+        self.images += images
         self.videos += videos
+        self.ids += turn_ids
+        self.last_prompt_ids = list(self.ids)
         detok = Detokenizer(self.engine.processor.tokenizer, params.stop, self.engine.eos_ids)
-        for token in self._generate(params):
-            delta = detok.add(int(token))
-            if delta:
-                yield delta
-            if detok.finish_reason:
-                break
-        else:
-            tail = detok.finish()
-            if tail:
-                yield tail
-        self.messages.append({"role": "assistant", "content": detok.text})
+        generated: list[int] = []
+        try:
+            for token in self._generate(images, videos, params):
+                generated.append(token)
+                delta = detok.add(token)
+                if delta:
+                    yield delta
+                if detok.finish_reason:
+                    break
+            else:
+                tail = detok.finish()
+                if tail:
+                    yield tail
+        finally:  # also when the caller stops reading: the history stays consistent with the cache
+            eos = self.engine.processor.tokenizer.eos_token_id
+            self.ids += generated if generated[-1:] == [eos] else [*generated, eos]
+            self.messages.append({"role": "assistant", "content": detok.text})
 
-    def _generate(self, params: SamplingParams) -> Iterator[torch.Tensor]:
+    def _tokenize_turn(self, message: dict, num_images: int, num_videos: int) -> list[int]:
+        """Raises ValueError when the text itself holds `<image>` / `<|video|>` tags (they would not match)."""
+        processor = self.engine.processor
+        first = not self.ids
+        # The first turn: BOS, system line, the user's lines, "AI: ". Later: "\nHuman: ...\nAI: " after the EOS.
+        text = build_prompt([*self.messages, message]) if first else build_prompt([message], system="")
+        check_media_count([text], num_images, num_videos)
+        return processor.tokenize_prompt(text, add_bos=first)
+
+    def _generate(self, images: list, videos: list, params: SamplingParams) -> Iterator[int]:
         engine = self.engine
-        prompt = engine.processor.apply_chat_template(self.messages, system=None)
-        ids = engine.processor.tokenize_prompt(prompt)
-        image_features, image_keys = engine.image_features(self.images)
-        video_features, video_keys = engine.video_features(self.videos)
-        keys = _token_keys(ids, image_keys, video_keys, engine.model.num_visual_tokens)
-        start = self._reusable_prefix(keys, engine.model.num_visual_tokens)
-        surplus = self._cache.get_seq_length() - start
-        if surplus > 0:
-            self._cache.crop(-surplus)
-        new_ids = torch.tensor([ids[start:]])
-        images_done = sum(1 for i in ids[:start] if i == IMAGE_PLACEHOLDER_ID) // engine.model.num_visual_tokens
-        videos_done = sum(1 for i in ids[:start] if i == VIDEO_PLACEHOLDER_ID) // engine.model.num_visual_tokens
-        self.last_prefill_tokens = len(ids) - start
-        history = [[i for i in ids if i >= 0]]
+        start = self._cache.get_seq_length()
+        new_ids = torch.tensor([self.ids[start:]])
+        self.last_prefill_tokens = new_ids.shape[1]
+        image_features, _ = engine.image_features(images)  # only this turn's media: older ones are cached
+        video_features, _ = engine.video_features(videos)
         tokens = generate_tokens(
             engine.model,
             new_ids,
             torch.ones_like(new_ids),
             params,
-            image_features=None if image_features is None else image_features[images_done:],
-            video_features=None if video_features is None else video_features[videos_done:],
+            image_features=image_features,
+            video_features=video_features,
             cache=self._cache,
-            history=history,
+            history=[[i for i in self.ids if i >= 0]],
         )
-        generated: list[int] = []
         for token in tokens:
-            generated.append(int(token))
-            # Everything but the newest token has been run through the model and sits in the cache.
-            self._cached_keys = keys + generated[:-1]
-            yield token[0]
-
-    def _reusable_prefix(self, keys: list, block: int) -> int:
-        """Length of the common prefix of `keys` and the cache, never ending inside a visual block, and leaving at
-        least one token to run (the last position's logits are needed)."""
-        n = 0
-        for a, b in zip(keys, self._cached_keys, strict=False):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(keys) - 1, self._cache.get_seq_length())
-        while n > 0 and isinstance(keys[n], tuple) and keys[n][2] > 0:  # inside a block: back to its start
-            n -= 1
-        return n
-
-
-def _token_keys(ids: list[int], image_keys: list[str], video_keys: list[str], block: int) -> list:
-    """Per position: the token id, or (image hash, kind, offset in the block) for placeholders."""
-    keys: list = []
-    counters = {IMAGE_PLACEHOLDER_ID: 0, VIDEO_PLACEHOLDER_ID: 0}
-    sources = {IMAGE_PLACEHOLDER_ID: image_keys, VIDEO_PLACEHOLDER_ID: video_keys}
-    for i in ids:
-        if i >= 0:
-            keys.append(i)
-            continue
-        seen = counters[i]
-        keys.append((sources[i][seen // block], i, seen % block))
-        counters[i] += 1
-    return keys
+            yield int(token[0])

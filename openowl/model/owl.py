@@ -76,11 +76,17 @@ class OwlForConditionalGeneration(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
         revision: str | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
     ) -> OwlForConditionalGeneration:
-        """Load a released (or our own) checkpoint from a folder or a hub id, in `dtype` (default float32)."""
+        """Load a released (or our own) checkpoint from a folder or a hub id, in `dtype` (default float32), on
+        `device`, or spread over several with `device_map` ("auto" or `{module: device}`; see `load_model`)."""
         from openowl.checkpoint import load_model
 
-        return load_model(path_or_id, dtype=dtype or torch_dtype or torch.float32, device=device, revision=revision)
+        return load_model(
+            path_or_id, dtype=dtype or torch_dtype or torch.float32, device=device, revision=revision,
+            device_map=device_map, max_memory=max_memory,
+        )  # fmt: skip
 
     def save_pretrained(self, folder: str | Path, max_shard_size: str | int = "2GB") -> None:
         """Write sharded safetensors and config.json; they load back bit-identically."""
@@ -176,7 +182,8 @@ class OwlForConditionalGeneration(nn.Module):
             )
         if n_given == 0:
             return embeds
-        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+        features = features.to(device=embeds.device, dtype=embeds.dtype)  # devices differ under a device_map
+        return embeds.masked_scatter(mask.to(embeds.device).unsqueeze(-1), features)
 
     # --- forward and generate ------------------------------------------------------------------
 
