@@ -28,6 +28,7 @@ from accelerate import init_empty_weights
 
 from openowl import OwlForConditionalGeneration, OwlProcessor, get_preset
 from openowl.infer.engine import Engine, Request
+from openowl.infer.generate import generate_tokens
 from openowl.infer.sampling import SamplingParams
 from openowl.infer.session import ChatSession
 
