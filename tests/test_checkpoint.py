@@ -615,3 +615,20 @@ def test_loading_bf16_peaks_at_one_copy_of_the_weights(fmt, load_memory_reports)
     print(f"{fmt}: peak RSS growth / weight bytes ({weights / 1e6:.0f} MB): {ratios}")
     assert ratios["loaded"] <= 1.25, report
     assert ratios["touched"] <= 1.25, report
+
+
+@pytest.mark.parametrize(
+    "device_map",
+    ["auto", {"vision_model": "cpu", "query_tokens": "cpu", "abstractor": "cpu", "language_model": "cpu"}],
+)
+def test_device_map_places_every_tensor_and_computes_the_same(device_map, expected, model):
+    mapped = OwlForConditionalGeneration.from_pretrained(CHECKPOINT, dtype=torch.float32, device_map=device_map)
+    assert {p.device.type for p in mapped.parameters()} == {"cpu"}
+    inputs = {k: expected[f"one_image.{k}"] for k in ("input_ids", "pixel_values")}
+    with torch.no_grad():
+        assert torch.equal(mapped(**inputs).logits, model(**inputs).logits)
+
+
+def test_device_map_missing_a_module_is_an_error():
+    with pytest.raises(CheckpointError, match="places no module"):
+        OwlForConditionalGeneration.from_pretrained(CHECKPOINT, device_map={"vision_model": "cpu"})
