@@ -255,6 +255,26 @@ def _input_lines(interactive: bool) -> Iterator[str]:
             yield line
 
 
+# --- train ---------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from openowl.train.config import load_config
+    from openowl.train.recipe import TrainRecipe
+
+    cfg = load_config(args.config, args.overrides)
+    recipe = TrainRecipe(cfg)
+    resume = None
+    if args.resume is not None:
+        resume = args.resume or cfg.train.output_dir
+    recipe.setup(resume=resume)
+    metrics = recipe.train()
+    if recipe.accelerator.is_main_process:
+        folder = recipe.export(Path(cfg.train.output_dir) / "final")
+        print(json.dumps({**metrics, "model": str(folder)}))
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -285,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], help="an image for the first message (repeatable)")
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    train = sub.add_parser(
+        "train",
+        help="train or fine-tune (stage 1, stage 2 LoRA, full LLM) from a YAML config",
+        description="Train from a YAML config (see configs/), with section.key=value overrides, e.g. "
+        "`openowl train --config configs/stage2_lora.yaml data.train=my.jsonl model.path=CKPT`. For several "
+        "processes or machines, run it under `accelerate launch` or `torchrun`.",
+    )
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--resume", nargs="?", const="", help="continue from the newest checkpoint (or this folder)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=2")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -72,7 +72,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """An RGB PIL image -> `(3, H, W)` float32: scaled to [0, 1], then `(x - mean) / std` per channel."""
     pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
     pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy())  # (3, H, W)
@@ -148,7 +149,7 @@ class OwlProcessor:
         """Images -> `(N, 3, size, size)` float32: squash-resize (bicubic), then CLIP mean/std."""
         size = (self.image_size, self.image_size)
         return torch.stack(
-            [_normalize(load_image(img).resize(size, Image.BICUBIC), self.image_mean, self.image_std) for img in images]
+            [normalize(load_image(img).resize(size, Image.BICUBIC), self.image_mean, self.image_std) for img in images]
         )
 
     def preprocess_videos(self, videos: Sequence[Sequence[ImageInput]]) -> torch.Tensor:
@@ -160,7 +161,7 @@ class OwlProcessor:
             if not frames:
                 raise ValueError("a video has no frames")
             cropped = [_resize_shortest_edge_and_crop(load_image(f), self.image_size) for f in frames]
-            pixels = [_normalize(frame, self.image_mean, self.image_std) for frame in cropped]
+            pixels = [normalize(frame, self.image_mean, self.image_std) for frame in cropped]
             out.append(torch.stack(pixels, dim=1))  # (3, T, H, W)
         return torch.stack(out)
 

@@ -1,20 +1,37 @@
-"""Training samples: the upstream tokenization of a `Human:` / `AI:` conversation and its loss mask.
+"""Training data: reading sample files, the upstream tokenization and loss mask, the dataset, batching.
 
-The conversation text is split on `<image>`, `AI: ` and `\\nHuman: `; each piece is tokenized on its own. The
-piece after each `AI: ` is an answer: it is followed by EOS and it (with its EOS) is what the loss is computed
-on. Everything else — system line, questions, delimiters, image placeholders — is context.
+- Readers (`read_samples`) turn upstream training jsonl, LLaVA-style conversations and image–caption pairs into
+  `Sample`s whose `text` is an upstream conversation: the system line, then `Human: ` / `AI: ` lines joined by
+  "\\n", one `Human: <image>` line per image.
+- `tokenize_conversation` (SPEC §6.5): the text is split on `<image>`, `AI: ` and `\\nHuman: `; each piece is
+  tokenized on its own. The piece after each `AI: ` is an answer: it is followed by EOS and it (with its EOS) is
+  what the loss is computed on. Everything else — system line, questions, delimiters, image placeholders — is
+  context.
+- `TrainDataset` tokenizes every sample up front, checks its images, and drops (and reports) the samples it can't
+  train on; `collate` right-pads a batch; `LengthGroupedSampler` batches samples of similar length.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import re
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
 from openowl.model.owl import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from openowl.processing import IMAGE_TAG
+from openowl.processing import DEFAULT_SYSTEM, IMAGE_TAG, OwlProcessor
+from openowl.train.transforms import eval_transform, make_generator, train_transform
+
+logger = logging.getLogger(__name__)
 
 AI_DELIMITER = "AI: "
 HUMAN_DELIMITER = "\nHuman: "
@@ -44,6 +61,11 @@ class TokenizedSample:
     @property
     def num_supervised(self) -> int:
         return int((self.non_padding_mask * self.non_media_mask * self.prompt_mask).sum())
+
+    @property
+    def length(self) -> int:
+        """The number of real tokens (BOS and image placeholders included), before the right padding."""
+        return int(self.non_padding_mask.sum()) + 1
 
 
 def tokenize_conversation(
@@ -90,3 +112,505 @@ def tokenize_conversation(
         prompt_mask=answer[1:],
         num_images=num_images,
     )
+
+
+# --- samples and readers -------------------------------------------------------------------------
+
+FORMATS = ("auto", "upstream", "llava", "caption")
+_HUMAN_ROLES = {"human", "user"}
+_AI_ROLES = {"gpt", "assistant"}
+
+
+@dataclass
+class Sample:
+    """One training conversation in upstream form, with the paths of its images in `<image>` order."""
+
+    id: str
+    text: str
+    images: list[Path] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.images = [Path(p) for p in self.images]
+
+
+def conversation_text(lines: Sequence[str], system: str = DEFAULT_SYSTEM) -> str:
+    """The system line and `Human: ...` / `AI: ...` lines joined by newlines, as upstream writes a conversation."""
+    return "\n".join([system, *lines])
+
+
+def llava_to_text(conversations: Sequence[dict[str, Any]], system: str = DEFAULT_SYSTEM) -> str:
+    """A LLaVA conversation (`[{"from": "human" | "gpt", "value": ...}, ...]`) as upstream training text.
+
+    Each `<image>` in a human turn becomes a `Human: <image>` line of its own, placed before the rest of the turn
+    (which is how upstream writes images, and where LLaVA moves its tag too): "<image>\\nWhat is this?" gives
+    "Human: <image>\\nHuman: What is this?". gpt turns become `AI: ...` lines. Turn values are stripped of
+    surrounding whitespace. `user` / `assistant` are accepted for `human` / `gpt`; a leading `system` turn
+    replaces the system line.
+
+    Raises:
+        ValueError: a turn that isn't an object with a known `from` and a string `value`.
+    """
+    lines = []
+    for n, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {n} is not an object with a string 'value'")
+        role, value = turn.get("from"), turn["value"]
+        if role in _HUMAN_ROLES:
+            rest = value.replace(IMAGE_TAG, "").strip()
+            lines += [f"Human: {IMAGE_TAG}"] * value.count(IMAGE_TAG) + ([f"Human: {rest}"] if rest else [])
+        elif role in _AI_ROLES:
+            lines.append(f"{AI_DELIMITER}{value.strip()}")
+        elif role == "system" and n == 0:
+            system = value.strip()
+        else:
+            raise ValueError(f"turn {n} has an unknown 'from': {role!r} (expected human or gpt)")
+    return conversation_text(lines, system)
+
+
+def caption_to_text(caption: str, system: str = DEFAULT_SYSTEM) -> str:
+    """The stage-1 (pre-training) conversation for an image–caption pair: `system\\nHuman: <image>\\nAI: caption`.
+
+    Upstream never released its stage-1 data or prompt, so this is our choice: the image as a human turn and the
+    caption as the answer, in the same template as instruction tuning, so the loss falls on the caption alone.
+    """
+    return conversation_text([f"Human: {IMAGE_TAG}", f"{AI_DELIMITER}{caption.strip()}"], system)
+
+
+def read_samples(path: str | Path, image_root: str | Path | None = None, format: str = "auto") -> list[Sample]:
+    """Read a training file into `Sample`s.
+
+    Files are jsonl (one JSON object a line; blank lines are skipped) or a JSON array of objects. Formats:
+
+    - "upstream": `{"text": conversation, "image": [paths], "task_type": "..._sft"}`; `image` optional (text-only)
+      and may be a single path; `task_type` is ignored.
+    - "llava": `{"id", "image": path or [paths], "conversations": [{"from": "human" | "gpt", "value"}]}`, converted
+      by `llava_to_text`; `image` optional.
+    - "caption": `{"image": path, "caption": text}`, converted by `caption_to_text` (stage 1).
+    - "auto": chosen from the first record's keys: `conversations` → llava, `caption` → caption, `text` → upstream.
+
+    A record's `id` (string or number) is kept; without one the id is its 1-based line number (jsonl) or its
+    0-based index (JSON array). Image paths are relative to `image_root`, or to the file's folder without one.
+
+    Args:
+        path: the file.
+        image_root: the folder image paths are relative to (default: the file's folder).
+        format: one of "auto", "upstream", "llava", "caption".
+
+    Returns:
+        The samples, in file order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unknown format, a file whose format can't be told, or a malformed record (invalid JSON, a
+            missing or mistyped field, as many `<image>` tags as images listed); the message names `file:line`
+            (jsonl) or `file[index]` (JSON array).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r} (expected one of {', '.join(FORMATS)})")
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    records = _read_records(path)
+    if format == "auto":
+        format = _detect_format(records[0][0], records[0][2]) if records else "upstream"
+    convert = {"upstream": _upstream_sample, "llava": _llava_sample, "caption": _caption_sample}[format]
+    samples = []
+    for where, default_id, record in records:
+        try:
+            sample = convert(record, default_id, root)
+            _check_image_count(sample)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        samples.append(sample)
+    return samples
+
+
+def _read_records(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """(location, default id, object) for each record of a jsonl file or JSON array."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        records = [(f"{path}[{i}]", str(i), item) for i, item in enumerate(items)]
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", str(lineno), json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    for where, _, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return records
+
+
+def _detect_format(where: str, record: dict[str, Any]) -> str:
+    for key, format in (("conversations", "llava"), ("caption", "caption"), ("text", "upstream")):
+        if key in record:
+            return format
+    raise ValueError(
+        f"{where}: can't tell the format (no 'conversations', 'caption' or 'text' field); keys: {sorted(record)}"
+    )
+
+
+def _sample_id(record: dict[str, Any], default: str) -> str:
+    value = record.get("id")
+    if value is None:
+        return default
+    if not isinstance(value, str | int):
+        raise ValueError(f"'id' must be a string or a number, not {type(value).__name__}")
+    return str(value)
+
+
+def _image_paths(record: dict[str, Any], root: Path, required: bool = False) -> list[Path]:
+    value = record.get("image")
+    if value is None:
+        if required:
+            raise ValueError("no 'image' field")
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(p, str) and p for p in items):
+        raise ValueError("'image' must be a path or a list of paths")
+    return [root / p for p in items]
+
+
+def _string_field(record: dict[str, Any], key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string" if key in record else f"no '{key}' field")
+    return value
+
+
+def _upstream_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
+    return Sample(_sample_id(record, default_id), _string_field(record, "text"), _image_paths(record, root))
+
+
+def _llava_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("'conversations' must be a non-empty list")
+    return Sample(_sample_id(record, default_id), llava_to_text(conversations), _image_paths(record, root))
+
+
+def _caption_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
+    caption = _string_field(record, "caption")
+    if not caption.strip():
+        raise ValueError("empty 'caption'")
+    images = _image_paths(record, root, required=True)
+    if len(images) != 1:
+        raise ValueError(f"a caption record needs one image, got {len(images)}")
+    return Sample(_sample_id(record, default_id), caption_to_text(caption), images)
+
+
+def _check_image_count(sample: Sample) -> None:
+    tags = sample.text.count(IMAGE_TAG)
+    if tags != len(sample.images):
+        raise ValueError(f"the text has {tags} {IMAGE_TAG} tag(s) but {len(sample.images)} image(s) are listed")
+
+
+# --- the dataset ---------------------------------------------------------------------------------
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Tokenized training samples with their images, ready for `collate`.
+
+    At construction every sample is checked and tokenized with `tokenize_conversation`; a sample is left out (and
+    never silently replaced by another) when:
+
+    - its text holds a different number of `<image>` tags than it lists images,
+    - one of its images is missing or unreadable (see `check_images`),
+    - no token of it is supervised (truncation to `max_length` cut every answer; these would give a NaN loss
+      upstream).
+
+    One warning gives the count and a few ids of the samples dropped for having no supervised token, another those
+    skipped for their images.
+
+    Every left-out sample is in `skipped` as `(id, reason)`; `report()` summarises them. Only the real tokens are
+    kept (compactly: int32 ids and a boolean loss mask), so a sample of the dataset is at most `max_length + 1`
+    tokens long.
+
+    Items are dicts: `input_ids` (L,) and `labels` (L,) int64 (`IGNORE_INDEX` where no loss is taken),
+    `pixel_values` `(num_images, 3, size, size)` float32, `id`. With `train=True` images go through
+    `train_transform` with a generator seeded from `(seed, epoch, index)`: the same index in the same epoch always
+    gets the same crop, whatever the worker. Call `set_epoch` before each epoch (before `iter(loader)`; with
+    `persistent_workers` the workers would keep the epoch they started with). With `train=False`, `eval_transform`.
+    An image block that truncation dropped drops its image too.
+
+    Args:
+        samples: the samples (see `read_samples`).
+        processor: gives the tokenizer, image size, mean/std and the number of visual tokens per image.
+        max_length: the upstream `max_length` (sequences hold at most `max_length + 1` tokens).
+        train: random crops and flips (True) or the deterministic eval resize (False).
+        seed: the seed of the image augmentation.
+        check_images: how images are checked at construction: "verify" (PIL open + verify: reads headers and
+            structure, fast, but a truncated JPEG passes), "decode" (a full decode of every image, slow, catches
+            truncation) or "none". An image that passes the check but fails to load later raises a RuntimeError
+            naming the sample in `__getitem__` (upstream silently trained on another sample instead).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        processor: OwlProcessor,
+        max_length: int,
+        train: bool = True,
+        seed: int = 0,
+        check_images: str = "verify",
+    ):
+        if check_images not in ("verify", "decode", "none"):
+            raise ValueError(f"check_images must be 'verify', 'decode' or 'none', not {check_images!r}")
+        self.processor = processor
+        self.max_length = max_length
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.skipped: list[tuple[str, str]] = []
+        self.samples: list[Sample] = []
+        self._num_images: list[int] = []
+        self._offsets = array("q", [0])
+        ids, supervised = array("i"), array("b")
+        image_problems: dict[Path, str | None] = {}
+        unsupervised: list[str] = []
+        bad: list[str] = []  # image problems
+        for sample in samples:
+            tags = sample.text.count(IMAGE_TAG)
+            if tags != len(sample.images):
+                self.skipped.append((sample.id, f"{tags} {IMAGE_TAG} tag(s) but {len(sample.images)} image(s)"))
+                bad.append(sample.id)
+                continue
+            if check_images != "none":
+                checks = (_check_image(p, image_problems, decode=check_images == "decode") for p in sample.images)
+                problem = next(filter(None, checks), None)
+                if problem:
+                    self.skipped.append((sample.id, problem))
+                    bad.append(sample.id)
+                    continue
+            tokens = tokenize_conversation(
+                sample.text, processor.tokenizer, max_length, num_visual_tokens=processor.num_visual_tokens
+            )
+            if tokens.num_supervised == 0:
+                unsupervised.append(sample.id)
+                self.skipped.append((sample.id, f"no supervised token within max_length={max_length}"))
+                continue
+            length = tokens.length
+            labels = tokens.labels[:length]
+            ids.extend(tokens.input_ids[:length].tolist())
+            supervised.extend((labels != IGNORE_INDEX).tolist())
+            self._offsets.append(len(ids))
+            self._num_images.append(tokens.num_images)
+            self.samples.append(sample)
+        self._ids = torch.frombuffer(ids, dtype=torch.int32).clone() if ids else torch.zeros(0, dtype=torch.int32)
+        self._supervised = (
+            torch.frombuffer(supervised, dtype=torch.int8).bool() if ids else torch.zeros(0, dtype=torch.bool)
+        )
+        if unsupervised:
+            logger.warning(
+                "dropped %d of %d samples with no supervised token (truncation to max_length=%d cut every answer): "
+                "%s",
+                len(unsupervised), len(samples), max_length, _some_ids(unsupervised),
+            )  # fmt: skip
+        if bad:
+            logger.warning(
+                "skipped %d of %d samples whose images are missing, unreadable or not one per <image> tag: %s "
+                "(see report())",
+                len(bad), len(samples), _some_ids(bad),
+            )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The number of tokens of each sample (image placeholders included), for length grouping."""
+        offsets = self._offsets
+        return [offsets[i + 1] - offsets[i] for i in range(len(self.samples))]
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.id for s in self.samples]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of `epoch` (crops and flips differ from epoch to epoch)."""
+        self.epoch = epoch
+
+    def report(self, limit: int | None = 100) -> str:
+        """A summary of the samples left out: their count, then one `id: reason` line each (the first `limit`)."""
+        total = len(self.samples) + len(self.skipped)
+        if not self.skipped:
+            return f"all {total} samples kept"
+        shown = self.skipped if limit is None else self.skipped[:limit]
+        lines = [f"skipped {len(self.skipped)} of {total} samples:"]
+        lines += [f"  {sample_id}: {reason}" for sample_id, reason in shown]
+        if len(shown) < len(self.skipped):
+            lines.append(f"  ... and {len(self.skipped) - len(shown)} more (all in .skipped)")
+        return "\n".join(lines)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        index %= len(self)
+        sample = self.samples[index]
+        start, end = self._offsets[index], self._offsets[index + 1]
+        input_ids = self._ids[start:end].long()
+        labels = input_ids.masked_fill(~self._supervised[start:end], IGNORE_INDEX)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": self._pixels(index, sample.images[: self._num_images[index]]),
+            "id": sample.id,
+        }
+
+    def _pixels(self, index: int, paths: Sequence[Path]) -> torch.Tensor:
+        p = self.processor
+        if not paths:
+            return torch.zeros((0, 3, p.image_size, p.image_size), dtype=torch.float32)
+        generator = make_generator(self.seed, self.epoch, index) if self.train else None
+        out = []
+        for path in paths:
+            try:
+                if generator is not None:
+                    out.append(train_transform(path, p.image_size, generator, p.image_mean, p.image_std))
+                else:
+                    out.append(eval_transform(path, p.image_size, p.image_mean, p.image_std))
+            except (OSError, ValueError) as err:
+                raise RuntimeError(f"sample {self.samples[index].id!r}: {err}") from err
+        return torch.stack(out)
+
+
+def _check_image(path: Path, cache: dict[Path, str | None], decode: bool = False) -> str | None:
+    """None for a file PIL can open and verify (or decode), else why not (cached per path)."""
+    if path not in cache:
+        if not path.is_file():
+            cache[path] = f"missing image {path}"
+        else:
+            try:
+                with Image.open(path) as img:
+                    if decode:
+                        img.load()
+                    else:
+                        img.verify()
+                cache[path] = None
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+                cache[path] = f"unreadable image {path} ({err})"
+    return cache[path]
+
+
+def _some_ids(ids: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
+
+
+def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Items of `TrainDataset` -> a right-padded batch.
+
+    Returns:
+        `input_ids` (B, L) padded with `pad_token_id`; `labels` (B, L) padded with `IGNORE_INDEX`;
+        `attention_mask` (B, L), 0 on padding; `pixel_values` (all images of the batch in order, N, 3, H, W) or
+        None when the batch has no image; `num_images` (a list, per sample); `ids` (a list). Pass
+        `model_inputs(batch)` (the first four) to the model's forward.
+    """
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = item["input_ids"]
+        labels[row, :n] = item["labels"]
+        attention_mask[row, :n] = 1
+    pixels = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
+    pixels = [p for p in pixels if p.shape[0]]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "num_images": [0 if item["pixel_values"] is None else item["pixel_values"].shape[0] for item in batch],
+        "ids": [item["id"] for item in batch],
+    }
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a collated batch that the model's forward takes (`num_images` and `ids` are bookkeeping)."""
+    return {key: batch[key] for key in MODEL_INPUT_KEYS}
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
+    """A batch sampler whose batches hold samples of similar length (less padding), reproducible and resumable.
+
+    Each epoch: shuffle all indices with a generator seeded from `(seed, epoch)`; cut the order into mega-batches
+    of `mega_batch_mult` batches; sort each mega-batch by length (longest first) and cut it into batches; shuffle
+    the order of the batches. With `drop_last` the one incomplete batch is dropped, else it is kept (smaller).
+
+    Use it as a DataLoader's `batch_sampler`. Call `set_epoch(epoch)` before each epoch; to resume in the middle of
+    an epoch call `skip(n)` after `set_epoch`: iteration then starts at batch `n` of that epoch's order, and
+    `len()` counts the batches left.
+
+    Args:
+        lengths: the length of each sample (e.g. `TrainDataset.lengths`).
+        batch_size: samples per batch.
+        seed: the shuffling seed.
+        drop_last: drop the incomplete batch.
+        mega_batch_mult: batches per mega-batch (the sorting window).
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, drop_last: bool = False, mega_batch_mult: int = 50
+    ):
+        if batch_size < 1 or mega_batch_mult < 1:
+            raise ValueError(f"batch_size and mega_batch_mult must be ≥ 1, got {batch_size} and {mega_batch_mult}")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def num_batches(self) -> int:
+        """The number of batches in a whole epoch."""
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of `epoch`, from its first batch."""
+        self.epoch = epoch
+        self.start = 0
+
+    def skip(self, num_batches: int) -> None:
+        """Start the current epoch at batch `num_batches` (the batches a resumed run has already trained on)."""
+        if not 0 <= num_batches <= self.num_batches:
+            raise ValueError(f"can't skip {num_batches} batches of an epoch of {self.num_batches}")
+        self.start = num_batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All batches of `epoch`, in order."""
+        generator = make_generator(self.seed, epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
+        mega = self.batch_size * self.mega_batch_mult
+        batches = []
+        for chunk in order.split(mega):
+            ranked = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += [b.tolist() for b in ranked.split(self.batch_size)]
+        if batches and self.drop_last and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffle]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)[self.start :]
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start

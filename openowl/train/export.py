@@ -1,0 +1,160 @@
+"""After training: merge LoRA into the base weights, save or load the adapter alone, or write the upstream layout.
+
+- `merge_lora(model)` folds every LoRA update into its Linear and puts the plain Linear back: the model then has
+  exactly the released key names, so `model.save_pretrained(folder)` (sharded safetensors) is the safetensors
+  export.
+- `save_adapter` / `load_adapter`: only the LoRA weights, in PEFT's format (`adapter_model.safetensors` with
+  `base_model.model.`-prefixed keys, `adapter_config.json`), as upstream's PEFT training wrote them.
+- `save_upstream`: one `pytorch_model.bin` (bfloat16, like the released files) + `config.json`, LoRA merged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from openowl.checkpoint import BIN_INDEX, SAFE_INDEX, CheckpointError
+from openowl.train.policy import ADAPTER_NAME, has_lora, inject_lora, is_lora_parameter
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before every key of the wrapped model
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base Linear and put the plain Linear back, in place.
+
+    Returns:
+        The same model, without LoRA layers: its state dict has exactly the released key names.
+    """
+    for name, layer in _lora_layers(model):
+        layer.merge(safe_merge=True)  # computes out of place and checks for NaNs
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge_lora` would leave, computed without changing the model.
+
+    Each merged weight is `W + (alpha / r) · B @ A` summed in float32 and cast to W's dtype; LoRA keys are dropped.
+    """
+    state = {key: value for key, value in model.state_dict().items() if not is_lora_parameter(key)}
+    for name, layer in _lora_layers(model):
+        weight = layer.get_base_layer().weight
+        pending = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
+        delta = sum(layer.get_delta_weight(adapter).float() for adapter in pending)
+        state[f"{name}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
+    return state
+
+
+# --- the adapter alone ---------------------------------------------------------------------------
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> None:
+    """Write the LoRA weights (`adapter_model.safetensors`) and their `adapter_config.json`.
+
+    Raises:
+        ValueError: when the model has no LoRA layers.
+    """
+    from peft import get_peft_model_state_dict
+
+    if not has_lora(model):
+        raise ValueError("the model has no LoRA layers to save (apply a policy with a 'lora' part first)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+    state = {PEFT_PREFIX + key: value.detach().contiguous() for key, value in state.items()}
+    save_file(state, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    model.peft_config[ADAPTER_NAME].save_pretrained(folder)
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load a LoRA adapter written by `save_adapter` (or by PEFT) into the model, in place.
+
+    A model without LoRA layers gets them from `adapter_config.json` (the other parameters keep their
+    `requires_grad`); a model that already has them (to resume training) gets their weights replaced.
+
+    Returns:
+        The same model.
+
+    Raises:
+        CheckpointError: a missing file, or adapter weights that don't fit the model's LoRA layers.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    folder = Path(folder)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: no {name} (not an adapter folder)")
+    state = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(folder / ADAPTER_WEIGHTS).items()}
+    if not has_lora(model):
+        flags = {name: param.requires_grad for name, param in model.named_parameters()}
+        inject_lora(model, LoraConfig.from_pretrained(folder))
+        for name, param in model.named_parameters():
+            if not is_lora_parameter(name):
+                param.requires_grad_(flags[name.replace(".base_layer.", ".")])
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    except RuntimeError as err:  # size mismatches
+        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: does not fit the model's LoRA layers ({err})") from err
+    missing = [key for key in result.missing_keys if is_lora_parameter(key)]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(
+            f"{folder / ADAPTER_WEIGHTS} does not match the model's LoRA layers: "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}, missing {sorted(missing)[:5]}"
+        )
+    return model
+
+
+# --- the upstream layout -------------------------------------------------------------------------
+
+
+def save_upstream(model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write the released layout: one `pytorch_model.bin` (LoRA merged, released key names) and `config.json`.
+
+    The model is not changed. Weight files of another layout already in the folder (safetensors, a sharded
+    index) are removed, since a loader would prefer them to `pytorch_model.bin`.
+
+    Args:
+        dtype: the dtype floating-point tensors are stored in (the released files are bfloat16).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stored: dict[tuple, torch.Tensor] = {}  # tied weights stay one tensor under two names
+    state = {}
+    for key, value in merged_state_dict(model).items():
+        ident = (value.device, value.data_ptr(), value.dtype, tuple(value.shape))
+        if ident not in stored:
+            stored[ident] = _storable(value, dtype)
+        state[key] = stored[ident]
+    tmp = folder / ".pytorch_model.bin.tmp"
+    torch.save(state, tmp)
+    model.config.to_json_file(folder / "config.json")
+    for stale in [*folder.glob("model*.safetensors"), *folder.glob("pytorch_model-*.bin")]:
+        stale.unlink()
+    for index in (SAFE_INDEX, BIN_INDEX):
+        (folder / index).unlink(missing_ok=True)
+    os.replace(tmp, folder / "pytorch_model.bin")
+
+
+def _storable(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()  # a view would drag its whole storage into the file
+    return tensor

@@ -1,0 +1,425 @@
+"""The training recipe for both stages: `setup`, `train`, `save_checkpoint`, driven by a `TrainConfig`.
+
+One process or many (launched by `accelerate launch` / `torchrun`: DDP, FSDP or DeepSpeed through accelerate).
+Every optimizer step takes one global batch of `micro_batch_size × grad_accum × world_size` samples and
+normalises the loss by the global number of supervised tokens, so the same global batch gives the same update
+however it is split across processes and accumulation steps.
+
+Checkpoints hold what the run changes (the trainable weights), the optimizer, the scheduler, the RNG states and
+the data position; they are written to a temporary folder, fsynced and renamed, so a checkpoint folder that
+exists is complete. `resume` continues bit for bit where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from openowl.model.owl import IGNORE_INDEX, OwlForConditionalGeneration
+from openowl.processing import OwlProcessor
+from openowl.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "step-"
+
+
+class TrainRecipe:
+    """Build everything from a config, train, checkpoint, resume, export."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def setup(self, resume: str | Path | None = None) -> None:
+        from accelerate import Accelerator
+
+        from openowl.train.data import LengthGroupedSampler, TrainDataset, read_samples
+        from openowl.train.policy import POLICIES, apply_policy
+
+        cfg = self.cfg
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        _seed_everything(cfg.train.seed)
+        self.model, self.processor = self._load_model()
+        if cfg.policy not in POLICIES:
+            raise ValueError(f"unknown policy {cfg.policy!r}; known: {', '.join(POLICIES)}")
+        self.policy = POLICIES[cfg.policy]
+        apply_policy(self.model, self.policy, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self._set_train_mode()
+        if not self.trainable:
+            raise ValueError(f"policy {cfg.policy!r} leaves nothing to train")
+
+        samples = read_samples(cfg.data.train, image_root=cfg.data.image_root, format=cfg.data.format)
+        self.dataset = TrainDataset(samples, self.processor, cfg.data.max_length, train=True, seed=cfg.train.seed)
+        if len(self.dataset) == 0:
+            raise ValueError(f"{cfg.data.train}: no usable training sample ({self.dataset.report()})")
+        self.dev = None
+        if cfg.data.dev:
+            dev_samples = read_samples(cfg.data.dev, image_root=cfg.data.image_root, format=cfg.data.format)
+            self.dev = TrainDataset(dev_samples, self.processor, cfg.data.max_length, train=False)
+        world = self.accelerator.num_processes
+        self.global_micro = cfg.train.micro_batch_size * world
+        self.sampler = LengthGroupedSampler(
+            self.dataset.lengths, self.global_micro, seed=cfg.train.seed, drop_last=world > 1
+        )  # a short last batch could leave a process without samples
+        self.steps_per_epoch = max(1, self.sampler.num_batches // cfg.train.grad_accum)
+        self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
+
+        decay = [p for n, p in self.trainable.items() if p.ndim >= 2]
+        no_decay = [p for n, p in self.trainable.items() if p.ndim < 2]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        )  # fmt: skip
+        self.scheduler = _schedule(self.optimizer, o.schedule, o.warmup_steps, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.out = Path(cfg.train.output_dir)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if resume is not None:
+            self.resume(resume)
+
+    def _load_model(self) -> tuple[OwlForConditionalGeneration, OwlProcessor]:
+        m = self.cfg.model
+        if m.path:
+            model = OwlForConditionalGeneration.from_pretrained(m.path, dtype=m.dtype)
+            processor = OwlProcessor.from_pretrained(m.tokenizer or m.path)
+        elif m.preset:
+            from openowl.config import get_preset
+
+            if not m.tokenizer:
+                raise ValueError("model.preset needs model.tokenizer (a folder with the tokenizer files)")
+            model = OwlForConditionalGeneration(get_preset(m.preset)).to(getattr(torch, m.dtype))
+            processor = OwlProcessor.from_pretrained(m.tokenizer)
+            processor.image_size = model.config.vision.image_size
+        else:
+            raise ValueError("set model.path (a checkpoint) or model.preset (a fresh model)")
+        return model.train(), processor
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Run to `total_steps`; returns the last logged metrics."""
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        writer = _tensorboard(self.out) if acc.is_main_process else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not acc.is_main_process)
+        batches = self._batches()
+        last: dict = {}
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            loss, tokens = self._optimizer_step(micro)
+            self.step += 1
+            metrics = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                       "tokens_per_s": tokens / (time.perf_counter() - started), "epoch": self.epoch}  # fmt: skip
+            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                self._log(metrics, writer)
+            if self.dev is not None and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                self._log({"step": self.step, "dev_loss": self.evaluate()}, writer)
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update(1)
+            last = metrics
+        bar.close()
+        if self.dev is not None:
+            last["dev_loss"] = self.evaluate()
+            self._log({"step": self.step, "dev_loss": last["dev_loss"]}, writer)
+        self.save_checkpoint()
+        if acc.is_main_process:
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+            if self.dataset.skipped:
+                logger.warning("skipped samples: %s", self.dataset.report())
+        return last
+
+    def _batches(self):
+        """Endless micro-batches for this process, continuing from (epoch, batch_in_epoch)."""
+        from openowl.train.data import collate
+
+        acc, per = self.accelerator, self.cfg.train.micro_batch_size
+        pad = self.processor.tokenizer.pad_token_id
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)
+            usable = (self.sampler.num_batches // self.cfg.train.grad_accum) * self.cfg.train.grad_accum
+            for index, global_batch in enumerate(self.sampler):
+                if index < self.batch_in_epoch:
+                    continue
+                if index >= usable:
+                    break
+                self.batch_in_epoch = index + 1
+                mine = global_batch[acc.process_index * per : (acc.process_index + 1) * per]
+                yield collate([self.dataset[i] for i in mine], pad)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _optimizer_step(self, micro: list[dict]) -> tuple[float, int]:
+        acc = self.accelerator
+        local = torch.tensor(sum(int((b["labels"][:, 1:] >= 0).sum()) for b in micro), device=acc.device)
+        total = acc.reduce(local.clone(), reduction="sum")  # supervised tokens in the global batch
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1
+            with acc.no_sync(self.model) if not sync else contextlib.nullcontext(), self._autocast():
+                summed = self._loss_sum(batch)
+                # DDP averages gradients over processes; scale so the update is the global token mean.
+                acc.backward(summed * acc.num_processes / total.clamp(min=1))
+            loss_sum += summed.detach()
+        if self.cfg.optim.max_grad_norm:
+            acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = acc.reduce(loss_sum, reduction="sum") / total.clamp(min=1)
+        tokens = int(acc.reduce(torch.tensor(sum(b["input_ids"].numel() for b in micro), device=acc.device), "sum"))
+        return float(loss), tokens
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed next-token loss of a micro-batch. A batch without images still runs the trainable visual parts
+        on a dummy image (times 0), so every process touches the same parameters and DDP never waits forever."""
+        model = self.accelerator.unwrap_model(self.model)
+        pixels = batch.get("pixel_values")
+        out = self.model(
+            input_ids=batch["input_ids"].to(self.accelerator.device),
+            attention_mask=batch["attention_mask"].to(self.accelerator.device),
+            pixel_values=None if pixels is None else pixels.to(self.accelerator.device),
+        )
+        labels = batch["labels"].to(out.logits.device)
+        targets = labels[:, 1:].masked_fill(labels[:, 1:] < 0, IGNORE_INDEX)
+        flat = out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1])
+        summed = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        if pixels is None and (self.policy.vision != "frozen" or self.policy.abstractor != "frozen"):
+            size = model.config.vision.image_size
+            dummy = torch.zeros(1, 3, size, size, device=self.accelerator.device)
+            summed = summed + 0.0 * model.get_image_features(dummy).sum()
+        return summed
+
+    def _set_train_mode(self) -> None:
+        """Train mode, except for frozen parts: they get no gradient, so dropout there would only add noise (and
+        make a run depend on how its batch is split). Upstream left frozen parts in train mode."""
+        from openowl.train.policy import PART_ROOTS, trainable_parts
+
+        model = self.accelerator.unwrap_model(self.model)
+        model.train()
+        for part, roots in PART_ROOTS.items():
+            if part not in trainable_parts(self.policy):
+                for root in roots:
+                    module = getattr(model, root, None)
+                    if isinstance(module, torch.nn.Module):
+                        module.eval()
+
+    def _autocast(self):
+        enabled = self.cfg.train.bf16
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean loss over the dev set."""
+        from openowl.train.data import collate
+
+        self.model.eval()
+        total, count = 0.0, 0
+        per = self.cfg.train.micro_batch_size
+        for start in range(0, len(self.dev), per):
+            batch = collate([self.dev[i] for i in range(start, min(start + per, len(self.dev)))],
+                            self.processor.tokenizer.pad_token_id)  # fmt: skip
+            with self._autocast():
+                total += float(self._loss_sum(batch))
+            count += int((batch["labels"][:, 1:] >= 0).sum())
+        self._set_train_mode()
+        return total / max(count, 1)
+
+    def _log(self, metrics: dict, writer) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    writer.add_scalar(key, value, metrics["step"])
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """Write `step-NNNNNN/` atomically; keep the last `keep_last`. Returns the folder (main process)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        final = self.out / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = self.out / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model = acc.unwrap_model(self.model)
+        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_rng_state(tmp)
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        (tmp / "state.json").write_text(json.dumps(state) + "\n")
+        for file in tmp.iterdir():
+            _fsync(file)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(self.out)
+        for old in checkpoints(self.out)[: -self.cfg.train.keep_last or None]:
+            shutil.rmtree(old)
+        return final
+
+    def resume(self, path: str | Path) -> None:
+        """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint folder, or from the
+        newest complete checkpoint of an output folder."""
+        path = Path(path)
+        if not (path / "state.json").is_file():
+            found = checkpoints(path)
+            if not found:
+                raise FileNotFoundError(f"{path}: no complete checkpoint (step-* folder) to resume from")
+            path = found[-1]
+        model = self.accelerator.unwrap_model(self.model)
+        saved = load_file(path / "trainable.safetensors")
+        mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if saved.keys() != mine.keys():
+            raise ValueError(f"{path}: its trainable tensors don't match this config's policy ({self.cfg.policy})")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                mine[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _load_rng_state(path)
+        state = json.loads((path / "state.json").read_text())
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def export(self, folder: str | Path) -> Path:
+        """The trained model as a normal checkpoint folder (LoRA merged), loadable by `from_pretrained`."""
+        from openowl.train.export import merge_lora, save_adapter
+
+        folder = Path(folder)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.policy.language_model == "lora" or "lora" in (self.policy.vision, self.policy.abstractor):
+            save_adapter(model, folder / "adapter")
+            model = merge_lora(model)
+        model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        return folder
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in a run folder, oldest first (temporary `.tmp-*` folders are never complete)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def _schedule(optimizer, kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown schedule {kind!r} (cosine, linear or constant)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _save_rng_state(folder: Path) -> None:
+    """Python and numpy RNG states as JSON, torch's as tensors: nothing that needs unpickling to read back."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    (folder / "rng.json").write_text(json.dumps(state))
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, folder / "rng.safetensors")
+
+
+def _load_rng_state(folder: Path) -> None:
+    state = json.loads((folder / "rng.json").read_text())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: the jsonl log is enough
+        return None
+    return SummaryWriter(str(folder / "tensorboard"))
+
+
+def plot_losses(metrics: Path, target: Path, size: tuple[int, int] = (640, 400)) -> None:
+    """A loss-curve PNG from the metrics log (training loss, and dev loss points where logged)."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    dev = [(r["step"], r["dev_loss"]) for r in rows if "dev_loss" in r]
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    points = train + dev
+    if points:
+        (x0, x1), (y0, y1) = _span([p[0] for p in points]), _span([p[1] for p in points])
+        w, h, m = size[0], size[1], 40
+
+        def xy(step, loss):
+            return m + (step - x0) / (x1 - x0) * (w - 2 * m), h - m - (loss - y0) / (y1 - y0) * (h - 2 * m)
+
+        draw.line([(m, m), (m, h - m), (w - m, h - m)], fill="black")
+        draw.text((m, 10), f"loss {y0:.3f} .. {y1:.3f}, steps {x0:g} .. {x1:g}", fill="black")
+        if len(train) > 1:
+            draw.line([xy(*p) for p in train], fill="steelblue", width=2)
+        for p in dev:
+            x, y = xy(*p)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="darkorange")
+    image.save(target)
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    return (low, high) if high > low else (low - 1, high + 1)
