@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from openowl.config import AbstractorConfig
-from openowl.model.layers import LayerNormFp32, attention
+from openowl.model.layers import LayerNormFp32, attention, run_layers
 
 
 class AbstractorAttention(nn.Module):
@@ -89,12 +89,8 @@ class AbstractorEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, queries: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                queries = torch.utils.checkpoint.checkpoint(layer, queries, image_tokens, use_reentrant=False)
-            else:
-                queries = layer(queries, image_tokens)
-        return queries
+        checkpointing = self.gradient_checkpointing and self.training
+        return run_layers(self.layers, queries, image_tokens, checkpointing=checkpointing)
 
 
 class VisualAbstractor(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -27,3 +28,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     softmax(q kᵀ / sqrt(hs)) v, the readable formula upstream spells out.
     """
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, *args, checkpointing: bool = False) -> torch.Tensor:
+    """`x = layer(x, *args)` through every layer; with `checkpointing`, activations are recomputed in backward."""
+    for layer in layers:
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+        else:
+            x = layer(x, *args)
+    return x

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openowl.config import VisionConfig
-from openowl.model.layers import LayerNormFp32, attention, quick_gelu
+from openowl.model.layers import LayerNormFp32, attention, quick_gelu, run_layers
 
 
 class VisionEmbeddings(nn.Module):
@@ -121,12 +121,7 @@ class VisionEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, num_frames, use_reentrant=False)
-            else:
-                x = layer(x, num_frames)
-        return x
+        return run_layers(self.layers, x, num_frames, checkpointing=self.gradient_checkpointing and self.training)
 
 
 class VisionModel(nn.Module):

@@ -213,14 +213,16 @@ class TrainRecipe:
         return summed
 
     def _set_train_mode(self) -> None:
-        """Train mode, except for frozen parts: they get no gradient, so dropout there would only add noise (and
-        make a run depend on how its batch is split). Upstream left frozen parts in train mode."""
-        from openowl.train.policy import PART_ROOTS, trainable_parts
+        """Train mode, except for frozen parts that come before every trained part: no gradient reaches them, so
+        dropout there would only add noise (and make a run depend on how its batch is split). Frozen parts that
+        backward runs through (the LLM in stage 1) stay in train mode, which keeps their gradient checkpointing.
+        Upstream left every part in train mode."""
+        from openowl.train.policy import PART_ROOTS, backward_parts
 
         model = self.accelerator.unwrap_model(self.model)
         model.train()
         for part, roots in PART_ROOTS.items():
-            if part not in trainable_parts(self.policy):
+            if part not in backward_parts(self.policy):
                 for root in roots:
                     module = getattr(model, root, None)
                     if isinstance(module, torch.nn.Module):
