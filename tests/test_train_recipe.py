@@ -162,3 +162,23 @@ def test_two_processes_with_image_and_text_only_halves_do_not_hang(tmp_path):
     subprocess.run(launcher, env=env, cwd=ROOT, check=True, timeout=300)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+
+
+def test_fsdp_two_processes_match_one(tmp_path):
+    """FSDP2 (accelerate, two CPU processes) takes the same steps and ends with the same weights as one process."""
+    common = {"train.max_steps": 3, "train.grad_accum": 1, "policy": "full-llm", "optim.warmup_steps": 0}
+    one = _config(tmp_path, **common, **{"train.micro_batch_size": 2, "train.output_dir": str(tmp_path / "one")})
+    assert _train_cli(one).wait(timeout=600) == 0
+    sharded = [a.replace("train.micro_batch_size=2", "train.micro_batch_size=1") for a in one]
+    sharded = [a.replace(str(tmp_path / "one"), str(tmp_path / "fsdp")) for a in sharded]
+    config = ROOT / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                "-m", "openowl", "train", *sharded]  # fmt: skip
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(launcher, env=env, cwd=ROOT, check=True, timeout=600)
+    read = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    torch.testing.assert_close(torch.tensor(read("fsdp")), torch.tensor(read("one")), rtol=1e-5, atol=1e-6)
+    final = {run: load_file(checkpoints(tmp_path / run)[-1] / "trainable.safetensors") for run in ("one", "fsdp")}
+    assert final["one"].keys() == final["fsdp"].keys()
+    for key, value in final["one"].items():
+        torch.testing.assert_close(final["fsdp"][key], value, rtol=0, atol=1e-5)
