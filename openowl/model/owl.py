@@ -243,10 +243,13 @@ class OwlForConditionalGeneration(nn.Module):
         )
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `logits[:, t]` against `labels[:, t + 1]` over labels ≥ 0 (0 when there are none)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of `logits[:, t]` against `labels[:, t + 1]` over labels ≥ 0: their mean (0 when there are
+    none), or with `reduction="sum"` their sum (for normalising over a whole distributed batch)."""
     targets = labels[:, 1:].masked_fill(labels[:, 1:] < 0, IGNORE_INDEX)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
     count = (targets != IGNORE_INDEX).sum()
     return total / count.clamp(min=1)

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from openowl.model.owl import IGNORE_INDEX, OwlForConditionalGeneration
+from openowl.model.owl import OwlForConditionalGeneration, causal_lm_loss
 from openowl.processing import OwlProcessor
 from openowl.train.config import TrainConfig
 
@@ -202,10 +201,7 @@ class TrainRecipe:
             attention_mask=batch["attention_mask"].to(self.accelerator.device),
             pixel_values=None if pixels is None else pixels.to(self.accelerator.device),
         )
-        labels = batch["labels"].to(out.logits.device)
-        targets = labels[:, 1:].masked_fill(labels[:, 1:] < 0, IGNORE_INDEX)
-        flat = out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1])
-        summed = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        summed = causal_lm_loss(out.logits, batch["labels"].to(out.logits.device), reduction="sum")
         if pixels is None and (self.policy.vision != "frozen" or self.policy.abstractor != "frozen"):
             size = model.config.vision.image_size
             dummy = torch.zeros(1, 3, size, size, device=self.accelerator.device)
