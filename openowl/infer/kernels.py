@@ -37,6 +37,16 @@ def use_matvec_linears(module: nn.Module) -> int:
     return count
 
 
+def use_plain_linears(module: nn.Module) -> int:
+    """Undo `use_matvec_linears` (e.g. to time the stock kernels in the same process). Returns how many."""
+    count = 0
+    for m in module.modules():
+        if type(m) is MatvecLinear:
+            m.__class__ = nn.Linear
+            count += 1
+    return count
+
+
 def _is_subclass(weight: torch.Tensor) -> bool:
     """A quantized (tensor-subclass) weight, which brings its own kernels."""
     return type(weight.data) is not torch.Tensor
