@@ -86,6 +86,9 @@ class TrainRecipe:
         )  # fmt: skip
         self.scheduler = _schedule(self.optimizer, o.schedule, o.warmup_steps, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # Sharding (FSDP) may have replaced the parameters: clip what the optimizer now holds.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.out = Path(cfg.train.output_dir)
         if self.accelerator.is_main_process:
