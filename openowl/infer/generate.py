@@ -20,10 +20,18 @@ def new_cache(model: OwlForConditionalGeneration) -> DynamicCache:
 
 
 def forward_step(
-    model: OwlForConditionalGeneration, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache
+    model: OwlForConditionalGeneration,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Cache,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run `(B, L, D)` new embeddings against the cache; `attention_mask` covers cache + new. -> `(B, V)` logits."""
-    out = model(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
+    """Run `(B, L, D)` new embeddings against the cache; `attention_mask` covers cache + new (positions come from it
+    unless given). -> `(B, V)` logits of the last position."""
+    out = model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True,
+        logits_to_keep=1,
+    )  # fmt: skip
     return out.logits[:, -1]
 
 
@@ -58,12 +66,7 @@ def decode_one_token(
 ) -> torch.Tensor:
     """One decoding step: `(B,)` tokens at `(B, 1)` positions -> `(B, V)` logits. With a static cache the mask has
     the cache's full length and this function sees the same shapes every step (compile it)."""
-    embeds = model.embed_text(token[:, None])
-    out = model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True,
-        logits_to_keep=1,
-    )  # fmt: skip
-    return out.logits[:, -1]
+    return forward_step(model, model.embed_text(token[:, None]), attention_mask, cache, positions)
 
 
 @torch.no_grad()
