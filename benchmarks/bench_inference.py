@@ -209,7 +209,7 @@ def second_turn(engine: Engine, request: Request, new_tokens: int, repeat: int =
         engine.image_cache = type(engine.image_cache)()
         ids = torch.tensor([session.last_prompt_ids])
         start = time.perf_counter()  # the same ids from scratch: encode the image, run every token
-        features, _ = engine.image_features(session.images)
+        features = engine.image_features(session.images)
         next(generate_tokens(engine.model, ids, torch.ones_like(ids), first_token, image_features=features))
         _sync(engine.model.device)
         uncached = min(uncached, time.perf_counter() - start)

@@ -367,8 +367,8 @@ def _without_cache(engine: Engine, session: ChatSession, params: SamplingParams)
     """The last answer recomputed from scratch: the same prompt ids, every image encoded again, a new cache."""
     fresh = Engine(engine.model, engine.processor)
     ids = torch.tensor([session.last_prompt_ids])
-    image_features, _ = fresh.image_features(session.images)
-    video_features, _ = fresh.video_features(session.videos)
+    image_features = fresh.image_features(session.images)
+    video_features = fresh.video_features(session.videos)
     detok = Detokenizer(engine.processor.tokenizer, params.stop, engine.eos_ids)
     for token in generate_tokens(engine.model, ids, torch.ones_like(ids), params, image_features, video_features):
         detok.add(int(token[0]))
@@ -383,8 +383,8 @@ def _assert_cache_matches_fresh_prefill(session: ChatSession):
     """The session's cached keys and values of the last prompt equal those of a fresh prefill of it."""
     engine = session.engine
     ids = session.last_prompt_ids
-    image_features, _ = engine.image_features(session.images)
-    video_features, _ = engine.video_features(session.videos)
+    image_features = engine.image_features(session.images)
+    video_features = engine.video_features(session.videos)
     fresh = new_cache(engine.model)
     with torch.no_grad():
         prefill(engine.model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), fresh,

@@ -109,7 +109,7 @@ class ImageFeatureCache:
     def key(pixels: torch.Tensor) -> str:
         return hashlib.sha256(pixels.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()).hexdigest()
 
-    def encode(self, pixels: torch.Tensor, encoder) -> tuple[torch.Tensor, list[str]]:
+    def encode(self, pixels: torch.Tensor, encoder) -> torch.Tensor:
         """`(N, ...)` pixels -> `(N, 65, D)` features, running `encoder` only on the ones not cached."""
         keys = [self.key(p) for p in pixels]
         todo = [i for i, k in enumerate(keys) if k not in self._items]
@@ -124,7 +124,7 @@ class ImageFeatureCache:
         out = torch.stack([self._items[k] for k in keys])
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
-        return out, keys
+        return out
 
 
 class Engine:
@@ -160,23 +160,21 @@ class Engine:
     # --- visual features -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def image_features(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor | None, list[str]]:
+    def image_features(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
         if not images:
-            return None, []
+            return None
         pixels = self.processor.preprocess_images(images).to(self.model.dtype)
         return self.image_cache.encode(pixels, self.model.get_image_features)
 
     @torch.no_grad()
-    def video_features(self, videos: Sequence[Sequence[ImageInput]]) -> tuple[torch.Tensor | None, list[str]]:
+    def video_features(self, videos: Sequence[Sequence[ImageInput]]) -> torch.Tensor | None:
         if not videos:
-            return None, []
-        features, keys = [], []
+            return None
+        features = []
         for frames in videos:  # videos of different lengths are encoded one by one
             pixels = self.processor.preprocess_videos([frames]).to(self.model.dtype)
-            feats, k = self.video_cache.encode(pixels, self.model.get_video_features)
-            features.append(feats)
-            keys += k
-        return torch.cat(features), keys
+            features.append(self.video_cache.encode(pixels, self.model.get_video_features))
+        return torch.cat(features)
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -212,8 +210,8 @@ class Engine:
         check_media_count(prompts, len(images), len(videos))
         ids = [self.processor.tokenize_prompt(p) for p in prompts]
         batch = self.processor.pad(ids, padding_side="left")
-        image_features, _ = self.image_features(images)
-        video_features, _ = self.video_features(videos)
+        image_features = self.image_features(images)
+        video_features = self.video_features(videos)
         cache = None
         if self.compiled:  # lengths rounded up to a bucket, so that few shapes get compiled
             cache = static_cache(self.model, -(-(batch["input_ids"].shape[1] + params.max_new_tokens) // 256) * 256)

@@ -39,7 +39,7 @@ def prefill(
     model: OwlForConditionalGeneration,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    cache: DynamicCache,
+    cache: Cache,
     image_features: torch.Tensor | None = None,
     video_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

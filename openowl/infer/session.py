@@ -101,8 +101,8 @@ class ChatSession:
         start = self._cache.get_seq_length()
         new_ids = torch.tensor([self.ids[start:]])
         self.last_prefill_tokens = new_ids.shape[1]
-        image_features, _ = engine.image_features(images)  # only this turn's media: older ones are cached
-        video_features, _ = engine.video_features(videos)
+        image_features = engine.image_features(images)  # only this turn's media: older ones are cached
+        video_features = engine.video_features(videos)
         tokens = generate_tokens(
             engine.model,
             new_ids,
