@@ -45,13 +45,19 @@ class CheckpointError(ValueError):
 
 
 def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Path:
-    """A local folder, or a hub id downloaded (once) into the hub cache.
+    """A local folder, a built-in model (`owl-small`, `owl-small-base`: assembled once into the openowl cache), or
+    a hub id downloaded (once) into the hub cache.
 
     Raises:
         FileNotFoundError: for a local path that doesn't exist or isn't a checkpoint folder.
         OSError: when a hub id can't be fetched (offline, unknown repo), saying what to do instead.
+        MissingPartError: a built-in model whose parts' packages are not installed, saying what to install.
     """
+    from openowl import owl_small
+
     path = Path(path_or_id).expanduser()
+    if str(path_or_id) in owl_small.BUILTIN_MODELS and not path.exists():
+        return owl_small.resolve(str(path_or_id))
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint folder (expected a folder with config.json)")

@@ -3,12 +3,16 @@
 openowl generate --model PATH_OR_ID --image photo.jpg --prompt "What is this?"
 openowl generate --model PATH_OR_ID --input questions.jsonl --output answers.jsonl
 openowl chat --model PATH_OR_ID [--image photo.jpg ...]
+openowl serve --model PATH_OR_ID [--port 8000 --api-key KEY]     (an OpenAI-compatible HTTP API)
+openowl demo --model PATH_OR_ID                                   (the same server; open the printed URL)
+openowl eval TASK --model PATH_OR_ID [--limit N --batch-size B]     (a benchmark; --list shows them)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,7 @@ import torch
 
 from openowl.infer.sampling import PRESETS, SamplingParams
 
+DEFAULT_MODEL = "owl-small"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHAT_HELP = """commands:
   /image PATH   attach an image to your next message (repeat for several)
@@ -30,7 +35,11 @@ CHAT_HELP = """commands:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="checkpoint folder or hub id (owner/name)")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"checkpoint folder, hub id (owner/name) or built-in model (default {DEFAULT_MODEL}: coloured shapes)",
+    )
     group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)")
     group.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
     group.add_argument(
@@ -255,6 +264,129 @@ def _input_lines(interactive: bool) -> Iterator[str]:
             yield line
 
 
+# --- serve and demo ------------------------------------------------------------------------------
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    from openowl.serve.config import MediaPolicy, ServeConfig
+
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    group.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $OPENOWL_API_KEY, else none)")
+    group.add_argument("--served-model-name", help="the model's name in the API (default: the --model folder's name)")
+    group.add_argument(
+        "--allow-image-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host that http(s) image URLs may name (repeatable); by default only data: URIs are accepted",
+    )
+    group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    limits = parser.add_argument_group("batching and limits (the defaults are in brackets)")
+    for flag, default, help_ in (
+        ("--max-batch-size", ServeConfig.max_batch_size, "rows decoded together"),
+        ("--max-queue", ServeConfig.max_queue, "requests that may wait for a place; beyond, 429"),
+        ("--max-body-bytes", ServeConfig.max_body_bytes, "request body size"),
+        ("--max-images", ServeConfig.max_images, "images and videos per request"),
+        ("--max-image-pixels", MediaPolicy.max_image_pixels, "width x height of an image or frame, from its header"),
+        ("--max-prompt-tokens", ServeConfig.max_prompt_tokens, "prompt tokens, visual tokens included"),
+        ("--max-output-tokens", ServeConfig.max_output_tokens, "the largest max_tokens a request may ask for"),
+    ):
+        limits.add_argument(flag, type=int, default=default, help=f"{help_} [{default}]")
+
+
+def _serve_config(args: argparse.Namespace):
+    from openowl.serve.config import MediaPolicy, ServeConfig, loopback_hosts
+
+    for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_image_pixels", "max_prompt_tokens",
+                 "max_output_tokens"):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.max_images < 0:
+        raise ValueError("--max-images must be ≥ 0")
+    model = Path(args.model)
+    media = MediaPolicy(
+        max_image_pixels=args.max_image_pixels,
+        max_media_bytes=args.max_body_bytes,
+        allow_hosts=frozenset(host.lower() for host in args.allow_image_host),
+    )
+    return ServeConfig(
+        model_name=args.served_model_name or (model.name if model.exists() else args.model),
+        api_key=args.api_key or os.environ.get("OPENOWL_API_KEY") or None,
+        allowed_hosts=loopback_hosts(args.host),
+        defaults=_sampling(args),
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_images=args.max_images,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        media=media,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from openowl.serve.api import create_app
+    except ImportError as err:
+        raise ImportError(f"serving needs the serve extra: pip install -e '.[serve]' ({err})") from err
+    if args.compile:
+        raise ValueError("--compile is for generate and chat: serve's batch changes shape at every step")
+    config = _serve_config(args)  # bad flags fail before the model loads
+    if config.allowed_hosts is None and config.api_key is None:
+        print(f"openowl: warning: serving on {args.host} without --api-key: anyone who reaches it can use it",
+              file=sys.stderr)  # fmt: skip
+    app = create_app(_engine(args), config)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else host}:{args.port}"
+    if args.command == "demo":
+        print(f"openowl demo: open {url}/ in a browser", file=sys.stderr, flush=True)
+        if args.open:
+            import threading
+            import webbrowser
+
+            threading.Timer(1.0, webbrowser.open, [f"{url}/"]).start()
+    else:
+        print(f"openowl serve: {config.model_name!r} at {url}/v1 (demo page at {url}/)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+# --- eval ----------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from openowl.eval import results, runner, tasks
+
+    if args.list:
+        for name, task in tasks.TASKS.items():
+            print(f"{name:16} {task.metric:10} {task.description}")
+        print(f"{'FILE.jsonl':16} {'(inferred)':10} any benchmark in the jsonl task format (README, Evaluation)")
+        return 0
+    if args.compare:
+        print(results.compare(args.compare), end="")
+        return 0
+    if args.task is None:
+        raise ValueError("give a TASK: a task name or a FILE.jsonl (openowl eval --list shows the tasks)")
+    task = tasks.get_task(args.task, args.metric)
+    ratings = json.loads(Path(args.ratings).read_text()) if args.ratings else None
+    items = task.load(args.data)[: args.limit]  # read before the model loads: data errors show at once
+    params = _sampling(args)
+    if args.max_new_tokens is None:
+        params = params.with_(max_new_tokens=task.max_new_tokens)
+    output = args.output or Path("eval_results") / task.name / runner.model_label(args.model)
+    outcome = runner.evaluate(
+        lambda: _engine(args), task, items, output, params, batch_size=args.batch_size, method=args.method,
+        circular=args.circular, model=args.model, data=args.data, ratings=ratings,
+    )  # fmt: skip
+    print(results.markdown(outcome), end="")
+    print(f"(answers and results in {output})", file=sys.stderr)
+    return 0
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 
@@ -305,6 +437,43 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], help="an image for the first message (repeatable)")
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    for name, help_ in (
+        ("serve", "an OpenAI-compatible HTTP API (chat completions with images, streaming, batching)"),
+        ("demo", "the API plus a web page to chat with the model in a browser"),
+    ):
+        server = sub.add_parser(name, help=help_, description=help_ + ". Sampling flags set the defaults that "
+                                "requests override.")  # fmt: skip
+        _add_model_args(server)
+        _add_serve_args(server)
+        if name == "demo":
+            server.add_argument("--open", action="store_true", help="open the page in this machine's browser")
+        _add_sampling_args(server)
+        server.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser(
+        "eval",
+        help="run a benchmark: easy-vqa, owleval, mme, pope, mmbench, ... or a jsonl file",
+        description="Answer a benchmark's questions in batches (answers.jsonl in --output is a cache: an "
+        "interrupted run continues where it stopped), score them, and write results.json and results.md.",
+    )
+    ev.add_argument("task", nargs="?", help="a task name (see --list) or a FILE.jsonl in the task format")
+    ev.add_argument("--list", action="store_true", help="list the tasks and exit")
+    ev.add_argument("--compare", nargs="+", metavar="DIR", help="print the results under these folders side by side")
+    _add_model_args(ev)
+    ev.add_argument("--limit", type=int, help="only the first N questions")
+    ev.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
+    ev.add_argument("--output", help="results folder (default eval_results/TASK/MODEL)")
+    ev.add_argument("--data", help="where the task's data is: the OwlEval folder, a local copy of a hub dataset, "
+                    "the EgoSchema videos")  # fmt: skip
+    ev.add_argument("--metric", help="override the metric (exact, vqa, yes-no, mme, hallusion, choice, caption, none)")
+    ev.add_argument("--method", choices=["generate", "likelihood"], default="generate",
+                    help="multiple choice: parse the generated letter, or pick the likeliest option text")  # fmt: skip
+    ev.add_argument("--circular", action=argparse.BooleanOptionalAction, default=True,
+                    help="multiple choice: ask every rotation of the options; right if all are (MMBench)")  # fmt: skip
+    ev.add_argument("--ratings", help="owleval: ratings saved from report.html, tallied into the results")
+    _add_sampling_args(ev)
+    ev.set_defaults(func=cmd_eval)
 
     train = sub.add_parser(
         "train",

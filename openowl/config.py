@@ -18,14 +18,17 @@ from transformers import AutoConfig, PretrainedConfig
 
 MODEL_TYPE = "mplug-owl"
 VISION_MODEL_TYPE = "mplug_owl_vision_model"
+DINOV2_MODEL_TYPE = "dinov2"
 ABSTRACTOR_MODEL_TYPE = "mplug_owl_visual_abstract"
 NUM_VISUAL_TOKENS_EXTRA = 1  # the learned `vit_eos` appended after the queries
 
 
 @dataclass
 class VisionConfig:
-    """The CLIP-style ViT (fused per-head QKV, QuickGELU, pre/post LayerNorm)."""
+    """The image encoder: upstream's CLIP-style ViT (fused per-head QKV, QuickGELU, pre/post LayerNorm), or with
+    `model_type="dinov2"` a DINOv2 ViT (transformers' `Dinov2Model`: LayerScale, GELU, final LayerNorm)."""
 
+    model_type: str = VISION_MODEL_TYPE
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -36,6 +39,33 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     # Video checkpoints add a temporal adapter to every layer; its width is half the hidden size upstream.
     temporal_hidden_size: int | None = None
+    # DINOv2 only: the image size its position grid was trained at (518 px = 37×37 patches). The grid is kept as
+    # trained and interpolated (bicubic) to `image_size` at run time, as DINOv2 does.
+    pretrained_image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in (VISION_MODEL_TYPE, DINOV2_MODEL_TYPE):
+            known = f"{VISION_MODEL_TYPE!r} or {DINOV2_MODEL_TYPE!r}"
+            raise ValueError(f"unknown vision model_type {self.model_type!r} (expected {known})")
+        if self.model_type == DINOV2_MODEL_TYPE:
+            if self.temporal_hidden_size is not None:
+                raise ValueError("the DINOv2 encoder has no temporal adapters (video checkpoints use the upstream ViT)")
+            if self.intermediate_size % self.hidden_size:
+                raise ValueError("a DINOv2 MLP width must be a whole multiple of its hidden size (its mlp_ratio)")
+
+    def build_dinov2_config(self) -> PretrainedConfig:
+        """The transformers `Dinov2Config` of a `model_type="dinov2"` encoder."""
+        return AutoConfig.for_model(
+            DINOV2_MODEL_TYPE,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            mlp_ratio=self.intermediate_size // self.hidden_size,
+            image_size=self.pretrained_image_size or self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            layer_norm_eps=self.layer_norm_eps,
+        )
 
     @property
     def num_positions(self) -> int:
@@ -117,7 +147,7 @@ class OwlConfig:
         if "model_type" not in text:
             raise ValueError("text_config has no 'model_type' (expected e.g. 'llama' or 'bloom')")
         return cls(
-            vision=_pick(VisionConfig, data["vision_config"]),
+            vision=_pick(VisionConfig, {"model_type": VISION_MODEL_TYPE, **data["vision_config"]}),
             abstractor=_pick(AbstractorConfig, data["visual_abstractor_config"]),
             text_config=_clean_text_config(text),
             num_query_tokens=int(data.get("num_query_tokens", 64)),
@@ -126,16 +156,15 @@ class OwlConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Write the upstream layout, readable by the upstream code and by `from_dict`."""
-        vision = dataclasses.asdict(self.vision)
-        if vision["temporal_hidden_size"] is None:
-            del vision["temporal_hidden_size"]
+        vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if v is not None}
+        vision["hidden_act"] = "quick_gelu" if self.vision.model_type == VISION_MODEL_TYPE else "gelu"
         text = copy.deepcopy(self.text_config)
         return {
             "architectures": ["MplugOwlForConditionalGeneration"],
             "model_type": MODEL_TYPE,
             "num_query_tokens": self.num_query_tokens,
             "openowl_video": self.video,
-            "vision_config": {"model_type": VISION_MODEL_TYPE, "hidden_act": "quick_gelu", **vision},
+            "vision_config": vision,
             "visual_abstractor_config": {"model_type": ABSTRACTOR_MODEL_TYPE, **dataclasses.asdict(self.abstractor)},
             "text_config": text,
             "tie_word_embeddings": bool(text.get("tie_word_embeddings", False)),
@@ -230,12 +259,42 @@ def _preset_llama_1b() -> OwlConfig:
     return config
 
 
+def smollm2_135m_text_config() -> dict[str, Any]:
+    """SmolLM2-135M-Instruct, a LLaMA-architecture LM (GQA 9/3 heads, tied embeddings, ChatML template)."""
+    return _llama_text_config(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def _preset_owl_small() -> OwlConfig:
+    """`owl-small`: a DINOv2 ViT-S/14 and SmolLM2-135M-Instruct joined by a 2-layer abstractor of 32 queries.
+
+    32 queries, as BLIP-2's Q-Former gives a frozen LM: half of upstream's 64, which served a 7B LM reading a ViT-L;
+    the LM's cost on a CPU grows with the tokens it reads. The abstractor is as wide as the ViT (384), as upstream's
+    (1024) is as wide as its ViT-L.
+    """
+    return OwlConfig(
+        vision=VisionConfig(
+            model_type=DINOV2_MODEL_TYPE, hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+            num_attention_heads=6, image_size=224, patch_size=14, layer_norm_eps=1e-6, pretrained_image_size=518,
+        ),
+        abstractor=AbstractorConfig(
+            hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=1024, encoder_hidden_size=384
+        ),
+        text_config=smollm2_135m_text_config(),
+        num_query_tokens=32,
+    )  # fmt: skip
+
+
 PRESETS = {
     "mplug-owl-7b": _preset_7b,
     "mplug-owl-7b-video": lambda: _preset_7b(video=True),
     "llama-1b": _preset_llama_1b,
     "tiny": _preset_tiny,
     "tiny-video": lambda: _preset_tiny(video=True),
+    "owl-small": _preset_owl_small,
 }
 
 

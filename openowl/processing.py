@@ -4,6 +4,10 @@
 - Video frames: shortest-edge resize + centre crop, then the same normalisation (the upstream video processor).
 - Prompts: one BOS, then each chunk between `<image>` / `<|video|>` tags tokenized on its own (so each chunk
   gets SentencePiece's leading "▁"), each tag replaced by `num_visual_tokens` placeholder ids (-1 / -2).
+- Prompt formats: upstream checkpoints use the upstream `Human:` / `AI:` template (`build_prompt`); a checkpoint
+  whose `preprocessor_config.json` says `"prompt_format": "chat-template"` (e.g. `owl-small`) uses its language
+  model's own chat template, with each image / video written as its tag inside the user's message, and no BOS of
+  ours (a chat template writes whatever its model starts with).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
 
@@ -26,6 +31,7 @@ IMAGE_TAG = "<image>"
 VIDEO_TAG = "<|video|>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROMPT_FORMATS = ("mplug-owl", "chat-template")
 DEFAULT_SYSTEM = (
     "The following is a conversation between a curious human and AI assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -103,12 +109,23 @@ class OwlProcessor:
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
         num_visual_tokens: int = 65,
+        prompt_format: str = "mplug-owl",
     ):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt_format {prompt_format!r} (expected one of {', '.join(PROMPT_FORMATS)})")
+        if prompt_format == "chat-template" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format 'chat-template' needs a tokenizer with a chat template")
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.num_visual_tokens = num_visual_tokens
+        self.prompt_format = prompt_format
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether `tokenize_prompt` starts a prompt with BOS (the upstream format; chat templates write their own)."""
+        return self.prompt_format == "mplug-owl"
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, revision: str | None = None) -> OwlProcessor:
@@ -124,6 +141,7 @@ class OwlProcessor:
             image_mean=config.get("image_mean", CLIP_MEAN),
             image_std=config.get("image_std", CLIP_STD),
             num_visual_tokens=int(model_config.get("num_query_tokens", 64)) + 1,
+            prompt_format=config.get("prompt_format", "mplug-owl"),
         )
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -140,6 +158,7 @@ class OwlProcessor:
             "crop_size": {"height": self.image_size, "width": self.image_size},
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
+            "prompt_format": self.prompt_format,
         }
         (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -167,9 +186,10 @@ class OwlProcessor:
 
     # --- text ------------------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str, add_bos: bool = True) -> list[int]:
-        """BOS + chunk-wise token ids, each tag expanded to `num_visual_tokens` placeholder ids."""
-        ids = [self.tokenizer.bos_token_id] if add_bos else []
+    def tokenize_prompt(self, prompt: str, add_bos: bool | None = None) -> list[int]:
+        """BOS (by default when `adds_bos`) + chunk-wise token ids, each tag expanded to `num_visual_tokens`
+        placeholder ids."""
+        ids = [self.tokenizer.bos_token_id] if (self.adds_bos if add_bos is None else add_bos) else []
         for chunk in _TAG_SPLIT.split(prompt):
             if chunk == IMAGE_TAG:
                 ids += [IMAGE_PLACEHOLDER_ID] * self.num_visual_tokens
@@ -233,8 +253,28 @@ class OwlProcessor:
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, system: str | None = None
     ) -> str:
-        """The upstream `Human:` / `AI:` prompt for a conversation; see `build_prompt`."""
+        """The prompt text of a conversation, in the checkpoint's prompt format: the upstream `Human:` / `AI:`
+        template (see `build_prompt`) or the language model's chat template (see `chat_template_prompt`)."""
+        if self.prompt_format == "chat-template":
+            return chat_template_prompt(self.tokenizer, messages, add_generation_prompt, system)
         return build_prompt(messages, add_generation_prompt=add_generation_prompt, system=system)
+
+    def turn_prompt(self, history: Sequence[dict[str, Any]], message: dict[str, Any]) -> str:
+        """The text that continues a conversation whose ids end with EOS after the last answer: the user's new
+        `message` and the generation prompt. Without an answer in `history`, the whole prompt (system included).
+        """
+        if not any(m.get("role") == "assistant" for m in history):
+            return self.apply_chat_template([*history, message])
+        if self.prompt_format == "mplug-owl":
+            return build_prompt([message], system="")  # "\nHuman: ...\nAI: "
+        # The template's text after the last answer's end-of-turn token, which the ids already hold.
+        before = self.apply_chat_template(history, add_generation_prompt=False)
+        after = self.apply_chat_template([*history, message])
+        eos = self.tokenizer.eos_token
+        cut = before.rfind(eos) + len(eos)
+        if eos not in before or not after.startswith(before[:cut]):
+            raise ValueError("the chat template does not end answers with the EOS token; can't continue the chat")
+        return after[cut:]
 
 
 def build_prompt(
@@ -264,6 +304,31 @@ def build_prompt(
             raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
     prompt = "\n".join([DEFAULT_SYSTEM if system is None else system, *lines])
     return prompt + "\nAI: " if add_generation_prompt else prompt
+
+
+def chat_template_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    system: str | None = None,
+) -> str:
+    """A conversation through the tokenizer's own chat template. A user message's images and videos become their
+    tags, each on its own line before the message's text (as LLaVA writes them); `system` adds a system message
+    (without one, the template's default applies).
+    """
+    converted = [] if system is None else [{"role": "system", "content": system}]
+    for message in messages:
+        role, parts = message.get("role"), _parts(message.get("content", ""))
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
+        pieces = []
+        for part in parts:
+            kind = part.get("type")
+            if kind not in ("image", "video", "text"):
+                raise ValueError(f"unknown content part type {kind!r} (expected image, video or text)")
+            pieces.append({"image": IMAGE_TAG, "video": VIDEO_TAG}.get(kind) or part["text"])
+        converted.append({"role": role, "content": "\n".join(pieces)})
+    return tokenizer.apply_chat_template(converted, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _parts(content: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -309,4 +374,6 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token
         return tokenizer
+    if name == "TokenizersBackend":  # a tokenizer.json of its own (owl-small's, from GGUF): no model config needed
+        return TokenizersBackend.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)

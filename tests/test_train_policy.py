@@ -109,6 +109,7 @@ LORA_COUNT = 4 * (8 * 64 + 64 * 8)  # q and v in 2 layers, A (r × 64) and B (64
 
 EXPECTED = {
     "stage1": (VISION | ABSTRACTOR, VISION_COUNT + ABSTRACTOR_COUNT),
+    "stage1-abstractor": (ABSTRACTOR, ABSTRACTOR_COUNT),
     "stage2": (LORA_QV, LORA_COUNT),
     "stage2-abstractor": (LORA_QV | ABSTRACTOR, LORA_COUNT + ABSTRACTOR_COUNT),
     "full-llm": (LLM, LLM_COUNT),

@@ -21,7 +21,7 @@ import torch
 from openowl.infer.engine import Detokenizer, Engine
 from openowl.infer.generate import generate_tokens, new_cache
 from openowl.infer.sampling import SamplingParams
-from openowl.processing import ImageInput, build_prompt, check_media_count, load_image
+from openowl.processing import ImageInput, check_media_count, load_image
 
 
 class ChatSession:
@@ -92,9 +92,9 @@ class ChatSession:
         processor = self.engine.processor
         first = not self.ids
         # The first turn: BOS, system line, the user's lines, "AI: ". Later: "\nHuman: ...\nAI: " after the EOS.
-        text = build_prompt([*self.messages, message]) if first else build_prompt([message], system="")
+        text = processor.turn_prompt(self.messages, message)
         check_media_count([text], num_images, num_videos)
-        return processor.tokenize_prompt(text, add_bos=first)
+        return processor.tokenize_prompt(text, add_bos=first and processor.adds_bos)
 
     def _generate(self, images: list, videos: list, params: SamplingParams) -> Iterator[int]:
         engine = self.engine

@@ -16,9 +16,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from openowl.config import OwlConfig
+from openowl.config import DINOV2_MODEL_TYPE, OwlConfig
 from openowl.model.abstractor import VisualAbstractor
-from openowl.model.vision import VisionModel
+from openowl.model.vision import Dinov2VisionModel, VisionModel
 
 IMAGE_PLACEHOLDER_ID = -1
 VIDEO_PLACEHOLDER_ID = -2
@@ -55,7 +55,10 @@ class OwlForConditionalGeneration(nn.Module):
     def __init__(self, config: OwlConfig):
         super().__init__()
         self.config = config
-        self.vision_model = VisionModel(config.vision)
+        if config.vision.model_type == DINOV2_MODEL_TYPE:
+            self.vision_model = Dinov2VisionModel(config.vision.build_dinov2_config())
+        else:
+            self.vision_model = VisionModel(config.vision)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.abstractor.hidden_size))
         if config.video:
             self.temporal_query_tokens = nn.Parameter(torch.zeros_like(self.query_tokens))

@@ -1,5 +1,5 @@
 """The mPLUG-Owl vision encoder: a CLIP ViT-L/14 with per-head interleaved fused QKV, and the video
-checkpoint's temporal adapters.
+checkpoint's temporal adapters; or, for modular models such as `owl-small`, a DINOv2 ViT from transformers.
 
 Output (`forward_features`) is the post-LayerNorm of the last layer on all tokens, CLS included: `(B, N, C)`.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Dinov2Model
 
 from openowl.config import VisionConfig
 from openowl.model.layers import LayerNormFp32, attention, quick_gelu, run_layers
@@ -140,3 +141,21 @@ class VisionModel(nn.Module):
         return self.post_layernorm(x)
 
     forward = forward_features
+
+
+class Dinov2VisionModel(Dinov2Model):
+    """A DINOv2 ViT as the image encoder: `forward(pixels (B, 3, H, W)) -> (B, 1 + H·W/14², C)`, the final
+    LayerNorm's output (CLS first). Its position grid is interpolated to the input size, as DINOv2 does.
+
+    Parameter names are transformers' `Dinov2Model` names under `vision_model.`.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.encoder.gradient_checkpointing = False
+
+    def forward(self, pixel_values: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        if num_frames != 1:
+            raise ValueError("the DINOv2 encoder has no temporal modules; it cannot encode multi-frame videos")
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        return super().forward(pixel_values=pixel_values.to(dtype)).last_hidden_state

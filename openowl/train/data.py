@@ -6,7 +6,8 @@
 - `tokenize_conversation` (SPEC §6.5): the text is split on `<image>`, `AI: ` and `\\nHuman: `; each piece is
   tokenized on its own. The piece after each `AI: ` is an answer: it is followed by EOS and it (with its EOS) is
   what the loss is computed on. Everything else — system line, questions, delimiters, image placeholders — is
-  context.
+  context. Checkpoints with `prompt_format: chat-template` (owl-small) go through `tokenize_chat_conversation`
+  instead: the same conversation rendered by the language model's chat template, with the same masks.
 - `TrainDataset` tokenizes every sample up front, checks its images, and drops (and reports) the samples it can't
   train on; `collate` right-pads a batch; `LengthGroupedSampler` batches samples of similar length.
 """
@@ -28,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
 from openowl.model.owl import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from openowl.processing import DEFAULT_SYSTEM, IMAGE_TAG, OwlProcessor
+from openowl.processing import DEFAULT_SYSTEM, IMAGE_TAG, OwlProcessor, chat_template_prompt
 from openowl.train.transforms import eval_transform, make_generator, train_transform
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 AI_DELIMITER = "AI: "
 HUMAN_DELIMITER = "\nHuman: "
 _SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(AI_DELIMITER)}|{re.escape(HUMAN_DELIMITER)})")
+_IMAGE_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)})")
 
 
 @dataclass
@@ -110,6 +112,80 @@ def tokenize_conversation(
         non_padding_mask=(torch.arange(max_length) < length - 1).long(),
         non_media_mask=(input_ids[1:] >= 0).long(),
         prompt_mask=answer[1:],
+        num_images=num_images,
+    )
+
+
+_TURN = re.compile(r"\n(Human|AI): ")
+
+
+def conversation_messages(text: str) -> list[dict[str, Any]]:
+    """An upstream conversation text as chat messages: consecutive `Human:` lines form one user message (an
+    `<image>` line becomes an image part), `AI:` lines assistant messages. A system line other than upstream's
+    default becomes a system message; the default is dropped, so that a chat template's own default applies.
+    """
+    pieces = _TURN.split(text)
+    messages: list[dict[str, Any]] = [] if pieces[0] == DEFAULT_SYSTEM else [{"role": "system", "content": pieces[0]}]
+    for who, body in zip(pieces[1::2], pieces[2::2], strict=True):
+        role = "user" if who == "Human" else "assistant"
+        part = {"type": "image"} if body == IMAGE_TAG else {"type": "text", "text": body}
+        if role == "user" and messages and messages[-1]["role"] == "user":
+            messages[-1]["content"].append(part)
+        else:
+            messages.append({"role": role, "content": [part]})
+    return messages
+
+
+def tokenize_chat_conversation(text: str, processor: OwlProcessor, max_length: int) -> TokenizedSample:
+    """Tokenize a training conversation through the language model's chat template (`prompt_format:
+    chat-template`), with the same masks as `tokenize_conversation`.
+
+    Each answer's text is supervised up to and including the template's end-of-turn (EOS) token; everything else
+    — system text, user turns, role headers, image placeholders — is context. The text is tokenized in pieces cut
+    where answers start, so that an answer's ids are those the model generates after the inference prompt. A
+    conversation longer than `max_length + 1` ids is cut there, an image block that would not fit whole dropped.
+    """
+    tokenizer, eos = processor.tokenizer, processor.tokenizer.eos_token
+    messages = conversation_messages(text)
+    full = chat_template_prompt(tokenizer, messages, add_generation_prompt=False)
+    cuts, answers = [0], []
+    for n, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(chat_template_prompt(tokenizer, messages[:n], add_generation_prompt=True))
+        end = full.find(eos, start)
+        end = len(full) if end < 0 else end + len(eos)
+        cuts += [start, end]
+        answers.append((start, end))
+    cuts.append(len(full))
+    ids: list[int] = []
+    is_answer: list[int] = []
+    for begin, end in zip(cuts, cuts[1:], strict=False):
+        answer = (begin, end) in answers
+        for chunk in _IMAGE_SPLIT.split(full[begin:end]):
+            if chunk == IMAGE_TAG:
+                ids += [IMAGE_PLACEHOLDER_ID] * processor.num_visual_tokens
+                is_answer += [0] * processor.num_visual_tokens
+            elif chunk:
+                piece = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                ids += piece
+                is_answer += [int(answer)] * len(piece)
+    room = max_length + 1
+    if len(ids) > room:
+        cut = room
+        if ids[cut - 1] == IMAGE_PLACEHOLDER_ID and ids[cut] == IMAGE_PLACEHOLDER_ID:  # mid-block
+            while cut > 0 and ids[cut - 1] == IMAGE_PLACEHOLDER_ID:
+                cut -= 1
+        ids, is_answer = ids[:cut], is_answer[:cut]
+    length = len(ids)
+    num_images = ids.count(IMAGE_PLACEHOLDER_ID) // processor.num_visual_tokens
+    input_ids = torch.tensor(ids + [tokenizer.pad_token_id] * (room - length), dtype=torch.long)
+    answer_mask = torch.tensor(is_answer + [0] * (room - length), dtype=torch.long)
+    return TokenizedSample(
+        input_ids=input_ids,
+        non_padding_mask=(torch.arange(max_length) < length - 1).long(),
+        non_media_mask=(input_ids[1:] >= 0).long(),
+        prompt_mask=answer_mask[1:],
         num_images=num_images,
     )
 
@@ -391,9 +467,12 @@ class TrainDataset(torch.utils.data.Dataset):
                     self.skipped.append((sample.id, problem))
                     bad.append(sample.id)
                     continue
-            tokens = tokenize_conversation(
-                sample.text, processor.tokenizer, max_length, num_visual_tokens=processor.num_visual_tokens
-            )
+            if processor.prompt_format == "chat-template":
+                tokens = tokenize_chat_conversation(sample.text, processor, max_length)
+            else:
+                tokens = tokenize_conversation(
+                    sample.text, processor.tokenizer, max_length, num_visual_tokens=processor.num_visual_tokens
+                )
             if tokens.num_supervised == 0:
                 unsupervised.append(sample.id)
                 self.skipped.append((sample.id, f"no supervised token within max_length={max_length}"))

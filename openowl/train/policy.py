@@ -89,6 +89,8 @@ class TrainPolicy:
 POLICIES = {
     # Stage 1 (paper §3.2): the ViT and the abstractor learn, the LLM is frozen.
     "stage1": TrainPolicy(vision="full", abstractor="full", language_model="frozen"),
+    # Stage 1 with a frozen, already trained ViT (BLIP-2 / LLaVA style): only the abstractor learns (owl-small).
+    "stage1-abstractor": TrainPolicy(vision="frozen", abstractor="full", language_model="frozen"),
     # Stage 2 as the released code trains it: LoRA on the LLM's q/v projections, everything else frozen.
     "stage2": TrainPolicy(vision="frozen", abstractor="frozen", language_model="lora"),
     # Stage 2 as the paper describes it: the abstractor is fine-tuned too.
@@ -172,14 +174,16 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
 
 def set_gradient_checkpointing(model: nn.Module, parts: set[str]) -> None:
     """Switch activation recomputation on for `parts` and off for the others (it acts in training mode only)."""
-    model.vision_model.encoder.gradient_checkpointing = "vision" in parts
     model.abstractor.encoder.gradient_checkpointing = "abstractor" in parts
-    lm = model.language_model
-    if "language_model" in parts:
-        # Non-reentrant checkpointing needs no `enable_input_require_grads` trick for frozen embeddings.
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif lm.is_activation_checkpointing:
-        lm.activation_checkpointing_disable()
+    # transformers models (the LM; a DINOv2 encoder) switch it through their own API.
+    for part, module in (("vision", model.vision_model), ("language_model", model.language_model)):
+        if not hasattr(module, "activation_checkpointing_enable"):
+            module.encoder.gradient_checkpointing = part in parts  # the upstream ViT
+        elif part in parts:
+            # Non-reentrant checkpointing needs no `enable_input_require_grads` trick for frozen embeddings.
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif module.is_activation_checkpointing:
+            module.activation_checkpointing_disable()
 
 
 # --- LoRA ----------------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Answer a task's items with the engine — batched, resumable — then score them and write the results.
+
+Output folder: `answers.jsonl` (one line per answer, appended and flushed batch by batch: a rerun skips the ids it
+holds), `settings.json` (what the answers depend on: a rerun with other settings is refused), `results.json` and
+`results.md`. The prompts are built by `processor.apply_chat_template`; the questions of one conversation are asked
+in order, each after the earlier questions and their answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openowl.eval.likelihood import continuation_logprobs
+from openowl.eval.metrics import LETTERS, circular_options
+from openowl.eval.tasks import Item, Task
+from openowl.infer.engine import Engine, Request
+from openowl.infer.sampling import SamplingParams
+
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass
+class Unit:
+    """One model call's worth of question: an item, or one rotation of a multiple-choice item's options."""
+
+    id: str  # its key in answers.jsonl
+    item: Item
+    text: str  # the user message's text
+    options: list[str] = field(default_factory=list)  # in this unit's order
+    answer_index: int | None = None
+
+
+def model_label(model: str) -> str:
+    """A folder-safe name for a model: a hub id's `owner__name`, a folder's last two parts."""
+    path = Path(model)
+    parts = path.resolve().parts[-2:] if path.exists() else Path(model.strip("/")).parts
+    return "__".join(p for p in parts if p not in ("", ".", "..")) or "model"
+
+
+# --- the answer cache ----------------------------------------------------------------------------
+
+
+class AnswerCache:
+    """answers.jsonl as a dict by id; `add` appends and flushes. A line cut by a killed run is dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if not path.exists():
+            return
+        text = path.read_text()
+        lines = text.splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number != len(lines):
+                    raise ValueError(f"{path}:{number}: not valid JSON; fix or remove the line") from None
+                lines.pop()  # cut by a killed run: it will be answered again
+                break
+            self.records[record["id"]] = record
+        if len(lines) < len(text.splitlines()) or (text and not text.endswith("\n")):
+            # Keep the whole lines, ending in a newline: the next answer must start a line of its own.
+            path.write_text("".join(f"{x}\n" for x in lines))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __getitem__(self, key: str) -> dict:
+        return self.records[key]
+
+    def add(self, records: Sequence[dict]) -> None:
+        with self.path.open("a") as out:
+            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            out.flush()
+        self.records.update((r["id"], r) for r in records)
+
+
+# --- units and prompts ---------------------------------------------------------------------------
+
+
+def choice_text(question: str, options: Sequence[str]) -> str:
+    lines = [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
+    return "\n".join([question, *lines, CHOICE_INSTRUCTION])
+
+
+def make_units(task: Task, items: Sequence[Item], method: str = "generate", circular: bool = True) -> list[Unit]:
+    """The model calls a task needs: one per item, or, for multiple choice generated with `circular`, one per
+    rotation of the options (MMBench's CircularEval). `method="likelihood"` scores each option's text instead."""
+    check_items(task, items)
+    if task.metric != "choice":
+        return [Unit(it.id, it, it.question) for it in items]
+    units = []
+    for it in items:
+        if method == "likelihood":
+            units.append(Unit(it.id, it, it.question, list(it.options), it.answer_index))
+            continue
+        variants = circular_options(it.options, it.answer_index) if circular else [(it.options, it.answer_index)]
+        for k, (options, answer) in enumerate(variants):
+            unit_id = f"{it.id}#{k}" if circular else it.id
+            units.append(Unit(unit_id, it, choice_text(it.question, options), list(options), answer))
+    return units
+
+
+HALLUSION_FIELDS = ("category", "subcategory", "set_id", "figure_id", "question_id")
+
+
+def check_items(task: Task, items: Sequence[Item]) -> None:
+    """Raises ValueError, naming the first item that lacks what the task's metric needs."""
+    for it in items:
+        if task.metric == "choice" and (not it.options or it.answer_index is None):
+            raise ValueError(f"item {it.id}: the choice metric needs options and the right one")
+        if task.metric == "choice" and it.conversation is not None:
+            raise ValueError(f"item {it.id}: multiple-choice questions can't be conversation turns")
+        if task.metric not in ("choice", "none") and not it.answers:
+            raise ValueError(f"item {it.id}: the {task.metric} metric needs an answer")
+        missing = [k for k in HALLUSION_FIELDS if k not in it.meta] if task.metric == "hallusion" else []
+        if missing:
+            raise ValueError(f"item {it.id}: the hallusion metric needs the fields {', '.join(missing)}")
+
+
+def conversations(units: Sequence[Unit]) -> list[list[Unit]]:
+    """Units grouped into conversations (a unit without a conversation is one on its own), in order."""
+    groups: dict[str, list[Unit]] = {}
+    out: list[list[Unit]] = []
+    for unit in units:
+        key = unit.item.conversation
+        if key is None:
+            out.append([unit])
+        else:
+            if key not in groups:
+                groups[key] = []
+                out.append(groups[key])
+            groups[key].append(unit)
+    return out
+
+
+def media(item: Item) -> tuple[list, list]:
+    """The item's images and videos, read: callables called (a list result is several images), video files
+    decoded into frames."""
+    images = []
+    for image in item.images:
+        value = image() if callable(image) else image
+        images += value if isinstance(value, list) else [value]
+    videos = []
+    for video in item.videos:
+        if isinstance(video, str | Path):
+            from openowl.infer.video import load_video_frames
+
+            video = load_video_frames(video)
+        videos.append(video)
+    return images, videos
+
+
+def user_message(text: str, num_images: int, num_videos: int) -> dict:
+    parts = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
+    return {"role": "user", "content": parts}
+
+
+def conversation_request(processor, turns: Sequence[Unit], cache: AnswerCache) -> Request:
+    """The request for the last of `turns`: the earlier turns with their cached answers, then its question."""
+    messages, images, videos = [], [], []
+    for k, unit in enumerate(turns):
+        turn_images, turn_videos = media(unit.item)
+        images += turn_images
+        videos += turn_videos
+        messages.append(user_message(unit.text, len(turn_images), len(turn_videos)))
+        if k + 1 < len(turns):
+            messages.append({"role": "assistant", "content": cache[unit.id]["answer"]})
+    return Request(processor.apply_chat_template(messages), images, videos)
+
+
+# --- answering -----------------------------------------------------------------------------------
+
+
+def answer_by_generation(
+    engine: Engine, convs: list[list[Unit]], cache: AnswerCache, batch_size: int, params: SamplingParams, progress
+) -> None:
+    """Round by round, the next unanswered turn of every conversation, in batches."""
+    while True:
+        todo = []
+        for conv in convs:
+            k = next((k for k, u in enumerate(conv) if u.id not in cache), None)
+            if k is not None:
+                todo.append(conv[: k + 1])
+        if not todo:
+            return
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            requests = [conversation_request(engine.processor, turns, cache) for turns in batch]
+            completions = engine.generate(requests, params)
+            cache.add(
+                [
+                    {"id": turns[-1].id, "answer": c.text, "finish_reason": c.finish_reason}
+                    for turns, c in zip(batch, completions, strict=True)
+                ]
+            )
+            progress(len(batch))
+
+
+def answer_by_likelihood(engine: Engine, units: list[Unit], cache: AnswerCache, batch_size: int, progress) -> None:
+    """Each option's text scored as the continuation of the bare question; the answer is the likeliest letter."""
+    todo = [u for u in units if u.id not in cache]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        requests, continuations = [], []
+        for unit in batch:
+            request = conversation_request(engine.processor, [unit], cache)
+            requests += [request] * len(unit.options)
+            continuations += unit.options
+        scores = iter(continuation_logprobs(engine, requests, continuations))
+        records = []
+        for unit in batch:
+            logprobs = [next(scores)[0] for _ in unit.options]
+            best = max(range(len(logprobs)), key=logprobs.__getitem__)
+            records.append({"id": unit.id, "answer": LETTERS[best], "logprobs": logprobs})
+        cache.add(records)
+        progress(len(batch))
+
+
+def evaluate(
+    make_engine: Callable[[], Engine],
+    task: Task,
+    items: Sequence[Item],
+    output: str | Path,
+    params: SamplingParams,
+    batch_size: int = 8,
+    method: str = "generate",
+    circular: bool = True,
+    model: str = "model",
+    data: str | None = None,
+    ratings: dict | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Answer what answers.jsonl in `output` lacks, score every item, write results.json and results.md.
+
+    Args:
+        make_engine: called only when something is left to answer.
+        method: "generate" (the answer is parsed from generated text) or "likelihood" (multiple choice only).
+        circular: rotate multiple-choice options (generate method).
+        data: where the task's data is (OwlEval: its folder, for the shipped answers of the report).
+        ratings: OwlEval ratings saved from the report ({system: {question_id: grade}}), tallied in the results.
+
+    Raises:
+        ValueError: settings that differ from those of the answers already in `output`.
+    """
+    from tqdm import tqdm
+
+    from openowl.eval.results import score, write_results
+
+    if method not in ("generate", "likelihood"):
+        raise ValueError(f"method must be 'generate' or 'likelihood', not {method!r}")
+    if method == "likelihood" and task.metric != "choice":
+        raise ValueError(f"the likelihood method needs a multiple-choice task; {task.name} is {task.metric}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    units = make_units(task, items, method, circular)
+    settings = _check_settings(output, task, method, circular, model, params)
+    cache = AnswerCache(output / "answers.jsonl")
+    left = sum(u.id not in cache for u in units)
+    if left:
+        engine = make_engine()
+        with tqdm(total=len(units), initial=len(units) - left, desc=task.name, disable=not show_progress) as bar:
+            if method == "likelihood":
+                answer_by_likelihood(engine, units, cache, batch_size, bar.update)
+            else:
+                answer_by_generation(engine, conversations(units), cache, batch_size, params, bar.update)
+    results = score(task, units, cache.records, method)
+    results.update(model=model, settings={**settings, "batch_size": batch_size})
+    if task.name == "owleval":
+        from openowl.eval.owleval import tally, write_owleval
+
+        results["report"] = str(write_owleval(items, cache.records, output, model_label(model), data, ratings))
+        if ratings:
+            results["ratings"] = tally(ratings, items)
+    write_results(results, output)
+    return results
+
+
+def _check_settings(output: Path, task: Task, method: str, circular: bool, model: str, params: SamplingParams):
+    settings = {"task": task.name, "metric": task.metric, "model": model, "sampling": vars(params).copy()}
+    settings["sampling"]["stop"] = list(params.stop)
+    if task.metric == "choice":
+        settings.update(method=method, circular=circular and method == "generate")
+    path = output / "settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+            raise ValueError(
+                f"{output} holds answers made with other settings ({', '.join(changed)}): "
+                "use another --output, or delete the folder to start again"
+            )
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
