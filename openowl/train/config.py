@@ -3,6 +3,7 @@
 model:  {path: CHECKPOINT or null, preset: tiny, tokenizer: FOLDER, dtype: float32}
 data:   {train: FILE, dev: FILE, image_root: null, max_length: 512}
 policy: stage2            # stage1 | stage2 | stage2-abstractor | full-llm
+lora:   {r: 8, alpha: 32, dropout: 0.05, targets: [q_proj, v_proj]}   # for the policy's LoRA parts
 optim:  {lr: 2.0e-5, weight_decay: 1.0e-4, betas: [0.9, 0.999], eps: 1.0e-8, warmup_steps: 50,
          schedule: cosine, max_grad_norm: 1.0}
 train:  {micro_batch_size: 4, grad_accum: 1, epochs: 3, max_steps: null, bf16: false, ...}
@@ -47,6 +48,16 @@ class OptimSection:
 
 
 @dataclass
+class LoraSection:
+    """The LoRA layers of the policy's "lora" parts (the defaults are the released stage 2's)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
 class TrainSection:
     output_dir: str = "runs/owl"
     micro_batch_size: int = 4
@@ -68,6 +79,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     policy: str = "stage2"
+    lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 
