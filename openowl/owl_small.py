@@ -349,6 +349,7 @@ def _yes_no_questions(
             for word in re.findall(r"[a-z]+", text):
                 if word in colours or word in SHAPES:
                     wordings["colour" if word in colours else "shape"].add(re.sub(rf"\b{word}\b", "{}", text))
+    ordered = {kind: sorted(texts) for kind, texts in wordings.items()}
     values = {"colour": colours, "shape": list(SHAPES)}
     rows = []
     for image, known in sorted(facts.items()):
@@ -358,7 +359,7 @@ def _yes_no_questions(
             kind = rng.choice(("colour", "shape"))
             shown = rng.random() < 0.5
             value = known[kind] if shown else rng.choice([v for v in values[kind] if v != known[kind]])
-            text = rng.choice(sorted(wordings[kind])).format(value)
+            text = rng.choice(ordered[kind]).format(value)
             rows.append((f"yn-{image}-{k}", image, text, "yes" if shown != _negated(text) else "no"))
     return rows
 

@@ -185,13 +185,14 @@ def test_training_data_follows_the_questions(tmp_path):
 
     # Stage 2b: the split's open questions, and 6 generated yes/no questions per fully known image whose answers
     # follow the image (its caption) and can't be told from the question: half about what it shows.
-    wordings = {re.sub(rf"\b({'|'.join(owl_small.SHAPES + colours)})\b", "X", t) for t in texts}
+    attribute = re.compile(rf"\b({'|'.join(owl_small.SHAPES + colours)})\b")
+    wordings = {attribute.sub("X", t) for t in texts}
     paths = {str(path): n for n, path in easy_vqa.get_train_image_paths().items()}
     asked = collections.Counter()
     for line in (tmp_path / "yes_no_train.jsonl").read_text().splitlines():
         sample = json.loads(line)
         question, answer = (turn["value"].removeprefix("<image>\n") for turn in sample["conversations"])
-        assert re.sub(rf"\b({'|'.join(owl_small.SHAPES + colours)})\b", "X", question) in wordings
+        assert attribute.sub("X", question) in wordings
         if answer not in ("yes", "no"):
             asked["open"] += 1
             continue

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from openowl.train.policy import LoraSettings
+
 
 @dataclass
 class ModelSection:
@@ -48,16 +50,6 @@ class OptimSection:
 
 
 @dataclass
-class LoraSection:
-    """The LoRA layers of the policy's "lora" parts (the defaults are the released stage 2's)."""
-
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
-@dataclass
 class TrainSection:
     output_dir: str = "runs/owl"
     micro_batch_size: int = 4
@@ -79,7 +71,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     policy: str = "stage2"
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # the policy's LoRA layers
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
 
@@ -125,7 +117,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         default = getattr(cls(), name) if name in fields else None
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple):
+        elif isinstance(default, tuple) and all(isinstance(v, float) for v in default):
             kwargs[name] = tuple(float(v) for v in value)
         elif isinstance(default, float) and isinstance(value, str | int) and not isinstance(value, bool):
             try:  # YAML reads "3e-5" (no dot) as a string

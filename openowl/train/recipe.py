@@ -47,7 +47,7 @@ class TrainRecipe:
         from accelerate import Accelerator
 
         from openowl.train.data import LengthGroupedSampler, TrainDataset, read_samples
-        from openowl.train.policy import POLICIES, LoraSettings, apply_policy
+        from openowl.train.policy import POLICIES, apply_policy
 
         cfg = self.cfg
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -55,8 +55,7 @@ class TrainRecipe:
         self.model, self.processor = self._load_model()
         if cfg.policy not in POLICIES:
             raise ValueError(f"unknown policy {cfg.policy!r}; known: {', '.join(POLICIES)}")
-        lora = LoraSettings(**dataclasses.asdict(cfg.lora))
-        self.policy = dataclasses.replace(POLICIES[cfg.policy], lora=lora)
+        self.policy = dataclasses.replace(POLICIES[cfg.policy], lora=cfg.lora)
         apply_policy(self.model, self.policy, gradient_checkpointing=cfg.train.gradient_checkpointing)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self._set_train_mode()
