@@ -359,7 +359,7 @@ def save_model(model: OwlForConditionalGeneration, folder: str | Path, max_shard
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: _owning(v.detach().contiguous()) for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, safe_serialization=True)
         model.config.to_json_file(Path(tmp) / "config.json")
@@ -371,6 +371,12 @@ def save_model(model: OwlForConditionalGeneration, folder: str | Path, max_shard
         for name in written:
             _fsync(Path(tmp) / name)
             os.replace(Path(tmp) / name, folder / name)
+
+
+def _owning(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor that is a slice of a larger buffer (DeepSpeed's ZeRO keeps weights in flat ones), which
+    safetensors refuses to write; the tensor itself otherwise."""
+    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
 
 def _fsync(path: Path) -> None:

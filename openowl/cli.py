@@ -401,8 +401,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = args.resume or cfg.train.output_dir
     recipe.setup(resume=resume)
     metrics = recipe.train()
-    if recipe.accelerator.is_main_process:
-        folder = recipe.export(Path(cfg.train.output_dir) / "final")
+    folder = recipe.export(Path(cfg.train.output_dir) / "final")  # every process takes part, the main one writes
+    if folder is not None:
         print(json.dumps({**metrics, "model": str(folder)}))
     return 0
 

@@ -5,6 +5,7 @@ trip, the upstream single-file layout).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from openowl.train.policy import (
     get_policy,
     has_lora,
     part_of,
+    store_frozen_linears,
     trainable_parameters,
     trainable_parts,
 )
@@ -239,6 +241,42 @@ def test_frozen_parts_build_no_autograd_graph() -> None:
     model = apply_policy(tiny_model(), POLICIES["stage2-abstractor"]).train()
     assert model.vision_model(pixels).grad_fn is None
     assert model.get_image_features(pixels).grad_fn is not None
+
+
+@pytest.mark.parametrize("name", ["stage1", "stage2"])
+def test_frozen_linears_stored_in_bf16_give_the_same_training_step(name: str) -> None:
+    """Weights that bf16 holds exactly (as read from a bf16 checkpoint) give bit-identical bf16-autocast losses and
+    gradients whether the frozen Linears keep them in float32 (cast at every call) or in bf16."""
+    results = []
+    for store in (False, True):
+        model = tiny_model().to(torch.bfloat16).float()  # float32 weights with bf16 values
+        policy = dataclasses.replace(POLICIES[name], lora=NO_DROPOUT)
+        apply_policy(model, policy).train()
+        randomize_lora_b(model)
+        converted = store_frozen_linears(model, torch.bfloat16) if store else []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch()).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, converted, model))
+    (loss32, grads32, _, _), (loss16, grads16, converted, model) = results
+    assert torch.equal(loss16, loss32)
+    assert grads16.keys() == grads32.keys() and all(torch.equal(grads16[n], grads32[n]) for n in grads32)
+    frozen_linear = {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    }
+    assert "language_model.lm_head" in frozen_linear  # the tiny preset's head is not tied to the embeddings
+    assert set(converted) == frozen_linear and converted
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert model.language_model.get_input_embeddings().weight.dtype == torch.float32
+    tied = tiny_model().to(torch.bfloat16).float()
+    tied.language_model.lm_head.weight = tied.language_model.get_input_embeddings().weight
+    apply_policy(tied, POLICIES[name])
+    assert "language_model.lm_head" not in store_frozen_linears(tied, torch.bfloat16)  # shares the embeddings
+    assert tied.language_model.lm_head.weight.dtype == torch.float32
+    untouched = tiny_model()  # float32 values bf16 can't hold: nothing is converted
+    apply_policy(untouched, POLICIES[name])
+    assert store_frozen_linears(untouched, torch.bfloat16) == []
 
 
 def test_stage2_lora_starts_as_the_identity() -> None:

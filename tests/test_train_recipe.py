@@ -1,10 +1,11 @@
 """The training recipe on the parity fixture: configs, a whole run, atomic checkpoints, exact resume after SIGKILL,
-export, and two processes (gloo) matching one."""
+export, and two processes (gloo: DDP, DeepSpeed ZeRO-2/3) matching one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import CHECKPOINT, IMAGES
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from openowl import OwlForConditionalGeneration
 from openowl.train.config import TrainConfig, load_config
@@ -88,6 +91,10 @@ def test_a_whole_run_logs_checkpoints_and_exports(tmp_path):
     assert len(losses) == recipe.total_steps and all(map(torch.isfinite, torch.tensor(losses)))
     assert metrics["step"] == recipe.total_steps
     assert (out / "loss.png").is_file()
+    logged = EventAccumulator(str(out / "tensorboard")).Reload()  # the same losses, in TensorBoard's event files
+    assert [e.step for e in logged.Scalars("loss")] == [r["step"] for r in rows if "loss" in r]
+    assert [e.value for e in logged.Scalars("loss")] == pytest.approx(losses)  # stored as float32
+    assert {"loss", "lr", "tokens_per_s"} <= set(logged.Tags()["scalars"])
     kept = checkpoints(out)
     assert len(kept) == 2 and kept[-1].name == f"step-{recipe.total_steps:06d}"  # the last N, the final one included
     assert sorted(p.name for p in kept[-1].iterdir()) == sorted(
@@ -175,21 +182,57 @@ def test_two_processes_with_image_and_text_only_halves_do_not_hang(tmp_path):
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
 
 
-def test_fsdp_two_processes_match_one(tmp_path):
-    """FSDP2 (accelerate, two CPU processes) takes the same steps and ends with the same weights as one process."""
-    common = {"train.max_steps": 3, "train.grad_accum": 1, "policy": "full-llm", "optim.warmup_steps": 0}
+def _deepspeed_launch(tmp_path: Path, stage: int, args: list[str], port: int) -> None:
+    """`accelerate launch` with the shipped ZeRO config, turned into two CPU processes in full precision."""
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml").read_text())
+    config.update(num_processes=2, mixed_precision="no", main_process_ip="127.0.0.1", main_process_port=port)
+    path = tmp_path / f"zero{stage}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
+                "-m", "openowl", "train", *args]  # fmt: skip
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(launcher, env=env, cwd=ROOT, check=True, timeout=600)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_match_one(tmp_path, stage):
+    """DeepSpeed ZeRO-2 / ZeRO-3 (two CPU processes, gradient accumulation) take the same steps as one process;
+    the checkpoint holds whole weights (ZeRO-3 shards them) and the export loads."""
+    common = {"train.max_steps": 3, "train.grad_accum": 2, "policy": "full-llm", "optim.warmup_steps": 0}
     one = _config(tmp_path, **common, **{"train.micro_batch_size": 2, "train.output_dir": str(tmp_path / "one")})
     assert _train_cli(one).wait(timeout=600) == 0
     sharded = [a.replace("train.micro_batch_size=2", "train.micro_batch_size=1") for a in one]
-    sharded = [a.replace(str(tmp_path / "one"), str(tmp_path / "fsdp")) for a in sharded]
-    config = ROOT / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                "-m", "openowl", "train", *sharded]  # fmt: skip
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run(launcher, env=env, cwd=ROOT, check=True, timeout=600)
+    sharded = [a.replace(str(tmp_path / "one"), str(tmp_path / "zero")) for a in sharded]
+    _deepspeed_launch(tmp_path, stage, sharded, port=29550 + stage)
     read = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    torch.testing.assert_close(torch.tensor(read("fsdp")), torch.tensor(read("one")), rtol=1e-5, atol=1e-6)
-    final = {run: load_file(checkpoints(tmp_path / run)[-1] / "trainable.safetensors") for run in ("one", "fsdp")}
-    assert final["one"].keys() == final["fsdp"].keys()
+    torch.testing.assert_close(torch.tensor(read("zero")), torch.tensor(read("one")), rtol=1e-5, atol=1e-6)
+    last = checkpoints(tmp_path / "zero")[-1]
+    assert (last / "deepspeed").is_dir() and not (last / "optimizer.pt").exists()  # the optimizer state is sharded
+    final = {run: load_file(checkpoints(tmp_path / run)[-1] / "trainable.safetensors") for run in ("one", "zero")}
+    assert final["one"].keys() == final["zero"].keys()
     for key, value in final["one"].items():
-        torch.testing.assert_close(final["fsdp"][key], value, rtol=0, atol=1e-5)
+        torch.testing.assert_close(final["zero"][key], value, rtol=0, atol=1e-5)
+    exported = OwlForConditionalGeneration.from_pretrained(tmp_path / "zero" / "final").state_dict()
+    for key, value in OwlForConditionalGeneration.from_pretrained(tmp_path / "one" / "final").state_dict().items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-5)
+
+
+def test_deepspeed_zero3_resume_is_bit_identical(tmp_path):
+    """ZeRO-3 with LoRA dropout: resuming from the step-2 checkpoint (each process's optimizer shard and RNG)
+    ends with exactly the weights of the uninterrupted run."""
+    steps = {"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 2, "train.micro_batch_size": 1}
+    whole = _config(tmp_path, **steps, **{"train.output_dir": str(tmp_path / "whole")})
+    _deepspeed_launch(tmp_path, 3, whole, port=29556)
+    shutil.copytree(tmp_path / "whole" / "step-000002", tmp_path / "resumed" / "step-000002")
+    resumed = [a.replace(str(tmp_path / "whole"), str(tmp_path / "resumed")) for a in whole]
+    _deepspeed_launch(tmp_path, 3, [*resumed, "--resume"], port=29557)
+    read = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read("resumed") == read("whole")[2:]
+    final = {run: load_file(tmp_path / run / "step-000004" / "trainable.safetensors") for run in ("whole", "resumed")}
+    assert final["whole"].keys() == final["resumed"].keys() and any(".lora_A." in k for k in final["whole"])
+    for key, value in final["whole"].items():
+        assert torch.equal(final["resumed"][key], value), key
+    merged = OwlForConditionalGeneration.from_pretrained(tmp_path / "whole" / "final").state_dict()
+    base = OwlForConditionalGeneration.from_pretrained(CHECKPOINT).state_dict()
+    changed = [k for k, v in merged.items() if not torch.equal(v, base[k])]
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)  # LoRA merged

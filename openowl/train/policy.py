@@ -167,6 +167,35 @@ def apply_policy(model: nn.Module, policy: TrainPolicy, gradient_checkpointing: 
     return model
 
 
+def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Keep frozen Linear weights (and biases) in `dtype` where that loses nothing, e.g. bf16 weights read into
+    float32 from a bf16 checkpoint such as the released ones.
+
+    Under autocast in `dtype` a float32 Linear weight is cast again at every call (frozen weights are not in
+    autocast's cache); stored in `dtype` it is used as it is, and the product is bit-identical. Weights that
+    `dtype` can't hold exactly, and everything trained, stay as they are.
+
+    Returns:
+        The names of the converted Linear modules.
+    """
+    # A weight tied to a non-Linear module (an LM head sharing the embeddings) keeps its dtype: the embeddings
+    # start the residual stream, which autocast leaves in float32.
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    converted = []
+    for name, module in model.named_modules():
+        params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None]
+        if not isinstance(module, nn.Linear) or any(p.requires_grad or p.dtype == dtype for p in params):
+            continue
+        if any(id(p) in shared for p in params):
+            continue
+        cast = [p.detach().to(dtype) for p in params]
+        if all(torch.equal(c.to(p.dtype), p) for c, p in zip(cast, params, strict=True)):
+            for p, c in zip(params, cast, strict=True):
+                p.data = c
+            converted.append(name)
+    return converted
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """`{name: numel}` of every parameter that requires grad."""
     return {name: param.numel() for name, param in model.named_parameters() if param.requires_grad}

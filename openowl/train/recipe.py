@@ -33,6 +33,7 @@ from openowl.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
+DEEPSPEED_FOLDER, DEEPSPEED_TAG = "deepspeed", "state"  # DeepSpeed's own files inside a checkpoint
 
 
 class TrainRecipe:
@@ -44,19 +45,21 @@ class TrainRecipe:
     # --- setup ---------------------------------------------------------------------------------
 
     def setup(self, resume: str | Path | None = None) -> None:
-        from accelerate import Accelerator
-
         from openowl.train.data import LengthGroupedSampler, TrainDataset, read_samples
-        from openowl.train.policy import POLICIES, apply_policy
+        from openowl.train.policy import POLICIES, apply_policy, store_frozen_linears
 
         cfg = self.cfg
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = _accelerator(cfg.train.grad_accum)
+        self._configure_deepspeed()
         _seed_everything(cfg.train.seed)
-        self.model, self.processor = self._load_model()
+        with _plain_init(self.accelerator.state.deepspeed_plugin):
+            self.model, self.processor = self._load_model()
         if cfg.policy not in POLICIES:
             raise ValueError(f"unknown policy {cfg.policy!r}; known: {', '.join(POLICIES)}")
         self.policy = dataclasses.replace(POLICIES[cfg.policy], lora=cfg.lora)
         apply_policy(self.model, self.policy, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if cfg.train.bf16:  # frozen Linear weights that bf16 holds exactly: used as they are, not cast at every call
+            store_frozen_linears(self.model, torch.bfloat16)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self._set_train_mode()
         if not self.trainable:
@@ -81,10 +84,9 @@ class TrainRecipe:
         decay = [p for n, p in self.trainable.items() if p.ndim >= 2]
         no_decay = [p for n, p in self.trainable.items() if p.ndim < 2]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-        )  # fmt: skip
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which the scheduler counts
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = _schedule(self.optimizer, o.schedule, o.warmup_steps, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         # Sharding (FSDP) may have replaced the parameters: clip what the optimizer now holds.
@@ -97,6 +99,20 @@ class TrainRecipe:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if resume is not None:
             self.resume(resume)
+
+    def _configure_deepspeed(self) -> None:
+        """Under DeepSpeed the recipe's batch, accumulation and clipping settings win over the accelerate file's
+        (DeepSpeed's engine applies them itself: it steps only at the accumulation boundary and clips there)."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        t = self.cfg.train
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=t.micro_batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            train_batch_size=t.micro_batch_size * t.grad_accum * self.accelerator.num_processes,
+            gradient_clipping=self.cfg.optim.max_grad_norm or 0.0,
+        )
 
     def _load_model(self) -> tuple[OwlForConditionalGeneration, OwlProcessor]:
         m = self.cfg.model
@@ -147,6 +163,8 @@ class TrainRecipe:
             last["dev_loss"] = self.evaluate()
             self._log({"step": self.step, "dev_loss": last["dev_loss"]}, writer)
         self.save_checkpoint()
+        if writer is not None:
+            writer.close()
         if acc.is_main_process:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
             if self.dataset.skipped:
@@ -179,12 +197,12 @@ class TrainRecipe:
         local = torch.tensor(sum(int((b["labels"][:, 1:] >= 0).sum()) for b in micro), device=acc.device)
         total = acc.reduce(local.clone(), reduction="sum")  # supervised tokens in the global batch
         loss_sum = torch.zeros((), device=acc.device)
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            with acc.no_sync(self.model) if not sync else contextlib.nullcontext(), self._autocast():
+        for batch in micro:  # gradients are synchronised (and DeepSpeed steps) on the last micro-batch only
+            with acc.accumulate(self.model), self._autocast():
                 summed = self._loss_sum(batch)
-                # DDP averages gradients over processes; scale so the update is the global token mean.
-                acc.backward(summed * acc.num_processes / total.clamp(min=1))
+                # Processes average gradients and backward divides by the accumulation steps: scale both away so
+                # that the update is the mean over the global batch's supervised tokens.
+                acc.backward(summed * acc.num_processes * acc.gradient_accumulation_steps / total.clamp(min=1))
             loss_sum += summed.detach()
         if self.cfg.optim.max_grad_norm:
             acc.clip_grad_norm_(list(self.trainable.values()), self.cfg.optim.max_grad_norm)
@@ -262,25 +280,32 @@ class TrainRecipe:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
-        """Write `step-NNNNNN/` atomically; keep the last `keep_last`. Returns the folder (main process)."""
+        """Write `step-NNNNNN/` atomically; keep the last `keep_last`. Every process calls it (DeepSpeed's ZeRO
+        shards the optimizer state, and ZeRO-3 the weights, over the processes). Returns the folder on the main
+        process, None on the others."""
         acc = self.accelerator
+        final = self.out / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = self.out / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        trainable = self._gather_trainable()
+        engine = self._deepspeed_engine()
+        if engine is not None:  # each process writes its shard of the optimizer state
+            engine.save_checkpoint(str(tmp / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        _save_rng_state(tmp, self._rng_name())  # each process draws its own dropout masks
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        final = self.out / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        tmp = self.out / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model = acc.unwrap_model(self.model)
-        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, tmp / "trainable.safetensors")
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if engine is None:
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        _save_rng_state(tmp)
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
-        for file in tmp.iterdir():
-            _fsync(file)
+        for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # files, then their folders
+            _fsync(path)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -288,6 +313,27 @@ class TrainRecipe:
         for old in checkpoints(self.out)[: -self.cfg.train.keep_last or None]:
             shutil.rmtree(old)
         return final
+
+    def _rng_name(self) -> str:
+        acc = self.accelerator
+        return "rng" if acc.num_processes == 1 else f"rng-{acc.process_index}"
+
+    def _deepspeed_engine(self):
+        from accelerate.utils import DistributedType
+
+        return self.model if self.accelerator.distributed_type == DistributedType.DEEPSPEED else None
+
+    def _gather_trainable(self) -> dict[str, torch.Tensor]:
+        """Full copies of the trainable weights on the main process (ZeRO-3 holds a shard of each in every
+        process: all of them take part in gathering one weight at a time)."""
+        model = self.accelerator.unwrap_model(self.model)
+        out = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                with _gathered([param]):
+                    if self.accelerator.is_main_process:
+                        out[name] = param.detach().to("cpu", copy=True)  # a copy: ZeRO keeps weights in flat buffers
+        return out
 
     def resume(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint folder, or from the
@@ -303,28 +349,90 @@ class TrainRecipe:
         mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if saved.keys() != mine.keys():
             raise ValueError(f"{path}: its trainable tensors don't match this config's policy ({self.cfg.policy})")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                mine[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        engine = self._deepspeed_engine()
+        if engine is not None:  # weights (fp32 master copies included) and this process's optimizer shard
+            if not (path / DEEPSPEED_FOLDER).is_dir():
+                raise ValueError(f"{path}: not written by a DeepSpeed run, which keeps its optimizer state sharded")
+            engine.load_checkpoint(str(path / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                   load_lr_scheduler_states=False)  # fmt: skip
+        else:
+            if not (path / "optimizer.pt").is_file():
+                raise ValueError(f"{path}: written by a DeepSpeed run; resume it under DeepSpeed")
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    mine[name].copy_(tensor)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _load_rng_state(path)
+        _load_rng_state(path, self._rng_name())
         state = json.loads((path / "state.json").read_text())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def export(self, folder: str | Path) -> Path:
-        """The trained model as a normal checkpoint folder (LoRA merged), loadable by `from_pretrained`."""
+    def export(self, folder: str | Path) -> Path | None:
+        """The trained model as a normal checkpoint folder (LoRA merged), loadable by `from_pretrained`. Every
+        process calls it; the main process writes it and returns the folder."""
         from openowl.train.export import merge_lora, save_adapter
 
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        if _is_zero3(model):  # each process holds a shard: gather the weights into the main process's model
+            state = acc.get_state_dict(self.model)
+            if acc.is_main_process:
+                for name, param in model.named_parameters():
+                    param.data = state[name]
+        if not acc.is_main_process:
+            return None
         folder = Path(folder)
-        model = self.accelerator.unwrap_model(self.model)
         if self.policy.language_model == "lora" or "lora" in (self.policy.vision, self.policy.abstractor):
             save_adapter(model, folder / "adapter")
             model = merge_lora(model)
         model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
         return folder
+
+
+def _accelerator(grad_accum: int):
+    """accelerate's own CPU path (`cpu=True`) only knows DDP; a DeepSpeed launch on a machine without a GPU gets
+    the non-CPU path with gloo, which DeepSpeed's CPU accelerator runs."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if torch.cuda.is_available():
+        return Accelerator(gradient_accumulation_steps=grad_accum)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        gloo = InitProcessGroupKwargs(backend="gloo")
+        return Accelerator(cpu=False, gradient_accumulation_steps=grad_accum, kwargs_handlers=[gloo])
+    return Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+
+
+def _is_zero3(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Inside, ZeRO-3-partitioned weights are whole (read-only); other weights are left as they are."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+@contextlib.contextmanager
+def _plain_init(plugin):
+    """Build the model as without DeepSpeed: accelerate announces ZeRO-3 to transformers, which would then create
+    the LM's layers already partitioned, and our loader fills its weights itself. ZeRO-3 partitions them in
+    `prepare`."""
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -354,25 +462,29 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save_rng_state(folder: Path) -> None:
+def _save_rng_state(folder: Path, name: str) -> None:
     """Python and numpy RNG states as JSON, torch's as tensors: nothing that needs unpickling to read back."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
-    (folder / "rng.json").write_text(json.dumps(state))
+    (folder / f"{name}.json").write_text(json.dumps(state))
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(tensors, folder / "rng.safetensors")
+    save_file(tensors, folder / f"{name}.safetensors")
 
 
-def _load_rng_state(folder: Path) -> None:
-    state = json.loads((folder / "rng.json").read_text())
+def _load_rng_state(folder: Path, name: str) -> None:
+    if not (folder / f"{name}.json").is_file():  # resumed on another number of processes
+        logger.warning("%s: no RNG state for this process (%s); random draws will differ from the original run",
+                       folder, name)  # fmt: skip
+        return
+    state = json.loads((folder / f"{name}.json").read_text())
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = load_file(folder / "rng.safetensors")
+    tensors = load_file(folder / f"{name}.safetensors")
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
     if cuda and torch.cuda.is_available():
@@ -380,7 +492,7 @@ def _load_rng_state(folder: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)  # a file or a folder
     try:
         os.fsync(fd)
     finally:
