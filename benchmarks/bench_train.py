@@ -23,7 +23,9 @@ import torch
 from bench_inference import random_model, timed  # this folder is on sys.path when the script runs
 
 from openowl import OwlForConditionalGeneration
+from openowl.train.config import OptimSection
 from openowl.train.policy import PARTS, POLICIES, apply_policy, backward_parts, store_frozen_linears
+from openowl.train.recipe import make_optimizer
 
 
 def part_params(model: OwlForConditionalGeneration) -> dict[str, int]:
@@ -66,7 +68,7 @@ def run_stage(
     if frozen_bf16:  # as the recipe does under bf16 autocast
         store_frozen_linears(model, torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    optimizer = make_optimizer(trainable, OptimSection(lr=1e-5))  # the recipe's
     size = model.config.vision.image_size
     ids = torch.randint(100, 30000, (batch, text))
     ids[:, 1 : 1 + model.config.num_visual_tokens] = -1  # one image per sample, after BOS

