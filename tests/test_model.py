@@ -261,6 +261,8 @@ def test_placeholder_labels_are_ignored(tiny):
     masked = ids.masked_fill(ids < 0, -100)
     torch.testing.assert_close(out.loss, tiny(input_ids=ids, pixel_values=pixels, labels=masked).loss)
     torch.testing.assert_close(out.loss, _manual_loss(out.logits, masked))
+    assert out.past_key_values is None  # a loss forward fills no KV cache
+    assert tiny(input_ids=ids, pixel_values=pixels, labels=ids, use_cache=True).past_key_values is not None
 
 
 def test_all_ignored_labels_give_zero_loss_not_nan(tiny):

@@ -216,6 +216,8 @@ class OwlForConditionalGeneration(nn.Module):
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         if position_ids is not None and self._lm_uses_positions:
             lm_kwargs["position_ids"] = position_ids
+        if labels is not None:  # a loss forward: no KV cache to fill unless asked for
+            lm_kwargs.setdefault("use_cache", False)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **lm_kwargs)
         if labels is not None:
             out.loss = causal_lm_loss(out.logits, labels.to(out.logits.device))

@@ -218,6 +218,7 @@ class TrainRecipe:
             input_ids=batch["input_ids"].to(self.accelerator.device),
             attention_mask=batch["attention_mask"].to(self.accelerator.device),
             pixel_values=None if pixels is None else pixels.to(self.accelerator.device),
+            use_cache=False,  # no KV cache to fill: nothing generates from this forward
         )
         summed = causal_lm_loss(out.logits, batch["labels"].to(out.logits.device), reduction="sum")
         if pixels is None and (self.policy.vision != "frozen" or self.policy.abstractor != "frozen"):
