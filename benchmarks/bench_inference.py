@@ -9,7 +9,8 @@ Random weights of a real shape (the `llama-1b` preset: the 7B ViT + abstractor a
 - time to first token (image + short prompt) and the FLOP/s it reached (ViT + abstractor + LM prefill);
 - decode tokens/s at batch 1, bytes read per step (LM weights + KV cache), achieved bandwidth and MBU;
 - the same LM under plain transformers `generate(inputs_embeds=...)` (the upstream path), same run;
-- int8 weight-only decode (torchao), batch 1/4/8 throughput, second chat turn with and without the prefix cache;
+- int8 and int4 weight-only decode (torchao), batch 1/4/8 throughput, second chat turn with and without the prefix
+  cache;
 - with --load-rss: peak RSS while loading a saved bf16 checkpoint, as a multiple of the weights' size.
 """
 
@@ -246,7 +247,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-baseline", action="store_true", help="don't time plain transformers generate")
-    parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument(
+        "--quantize", default="int8,int4", help="weight-only modes to time, comma-separated ('' for none)"
+    )
     parser.add_argument("--batches", default="1,4,8", help="batch sizes for throughput")
     parser.add_argument("--load-rss", action="store_true", help="also measure peak RSS while loading (saves to /tmp)")
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile and a static cache")
@@ -300,19 +303,19 @@ def main() -> None:
     result["second_turn"] = second_turn(engine, request, args.new_tokens)
     if args.load_rss:
         result["load_rss"] = load_rss(model)
-    if not args.skip_int8:
+    for i, mode in enumerate(filter(None, args.quantize.split(","))):
         from openowl.infer.quantize import quantize
 
-        quantize(model, "int8")
-        int8 = decode_run(engine, request, args.new_tokens)
-        int8["achieved_gbps"] = (
-            (lm_bytes(model) + kv_bytes(model, int8["prompt_len"] + args.new_tokens // 2)) * int8["decode_tok_s"] / 1e9
-        )
-        result["int8"] = int8
+        if i:  # quantization is in place: the next mode starts from the same random weights again
+            del engine, model
+            model = random_model(args.preset, dtype, device)
+            engine = Engine(model, processor, compile=args.compile)
+        quantize(model, mode)
+        run = decode_run(engine, request, args.new_tokens)
+        run["weight_gb"] = lm_bytes(model) / 1e9
         if "transformers_generate" in result:
-            result["int8_speedup_vs_transformers"] = (
-                int8["decode_tok_s"] / result["transformers_generate"]["decode_tok_s"]
-            )
+            run["speedup_vs_transformers"] = run["decode_tok_s"] / result["transformers_generate"]["decode_tok_s"]
+        result[mode] = run
 
     print_table(result)
     print(json.dumps(result))
@@ -340,8 +343,13 @@ def print_table(r: dict) -> None:
         b = r["transformers_generate"]
         rows.append(("transformers generate: decode", f"{b['decode_tok_s']:.2f} tok/s, MBU {b['mbu']:.0%}"))
         rows.append(("speedup vs transformers", f"{r['speedup_vs_transformers']:.2f}x"))
-    if "int8" in r:
-        rows.append(("int8: decode", f"{r['int8']['decode_tok_s']:.2f} tok/s"))
+    for mode in ("int8", "int4"):
+        if mode in r:
+            q = r[mode]
+            vs = f", {q['speedup_vs_transformers']:.2f}x transformers" if "speedup_vs_transformers" in q else ""
+            rows.append(
+                (f"{mode}: decode", f"{q['decode_tok_s']:.2f} tok/s ({q['weight_gb']:.2f} GB of LM weights{vs})")
+            )
     for b, v in r["batch_throughput_tok_s"].items():
         rows.append((f"batch {b} throughput", f"{v:.2f} tok/s"))
     t = r["second_turn"]

@@ -623,7 +623,8 @@ def test_video_turn_in_a_chat_session(video_model, video_file):
 # --- quantization --------------------------------------------------------------------------------
 
 
-def test_int8_is_close_to_bf16(tiny):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_weight_only_quantization_is_close_to_bf16(tiny, mode):
     pytest.importorskip("torchao")
     from torchao.utils import TorchAOBaseTensor
 
@@ -634,7 +635,7 @@ def test_int8_is_close_to_bf16(tiny):
     pixels = tiny.processor.preprocess_images([IMAGES / "image0.jpg"]).to(torch.bfloat16)
     with torch.no_grad():
         reference = model(input_ids=ids, pixel_values=pixels).logits.float()
-    assert quantize(model, "int8") is model
+    assert quantize(model, mode, group_size=32) is model  # the tiny LM is 64 wide: groups of 32
     linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m.weight, TorchAOBaseTensor) for m in linears)
     vision = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.Linear)]
@@ -642,18 +643,16 @@ def test_int8_is_close_to_bf16(tiny):
     with torch.no_grad():
         quantized = model(input_ids=ids, pixel_values=pixels).logits.float()
     similarity = torch.nn.functional.cosine_similarity(reference[0], quantized[0], dim=-1)
-    assert similarity.min() > 0.99
+    assert similarity.min() > (0.99 if mode == "int8" else 0.98)  # 4 bits lose more (measured 0.9999, 0.988)
     assert not torch.equal(reference, quantized)  # something really changed
     completion = Engine(model, tiny.processor).generate([Request(_prompt("Hi"))], SamplingParams(max_new_tokens=4))[0]
     assert len(completion.token_ids) == 4
 
 
-def test_int4_on_cpu_and_unknown_mode_raise(tiny):
+def test_unknown_quantization_mode_raises(tiny):
     pytest.importorskip("torchao")
     from openowl.infer.quantize import quantize
 
-    with pytest.raises(RuntimeError, match="int4.*CUDA"):
-        quantize(tiny.model, "int4")
     with pytest.raises(ValueError, match="int2"):
         quantize(tiny.model, "int2")
     assert all(type(p) is torch.nn.Parameter for p in tiny.model.parameters())  # left untouched
