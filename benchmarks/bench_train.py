@@ -115,12 +115,8 @@ def main() -> None:
     parser.add_argument("--text", type=int, default=192, help="sequence length incl. the 65 visual tokens")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument(
-        "--frozen-fp32",
-        action="store_true",
-        help="keep frozen Linear weights in float32 (autocast "
-        "then casts them at every call): the recipe's behaviour before they were stored in bf16",
-    )
+    frozen_help = "keep frozen Linear weights in float32 (autocast then casts them at every call)"
+    parser.add_argument("--frozen-fp32", action="store_true", help=frozen_help)
     args = parser.parse_args()
 
     result = {"preset": args.preset, "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.text,

@@ -19,7 +19,7 @@ from conftest import CHECKPOINT, IMAGES
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from openowl import OwlForConditionalGeneration
+from openowl import OwlForConditionalGeneration, OwlProcessor
 from openowl.train.config import TrainConfig, load_config
 from openowl.train.recipe import TrainRecipe, checkpoints
 
@@ -105,6 +105,30 @@ def test_a_whole_run_logs_checkpoints_and_exports(tmp_path):
     base = OwlForConditionalGeneration.from_pretrained(CHECKPOINT)
     assert merged.state_dict().keys() == base.state_dict().keys()  # the released layout, LoRA merged
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_bf16_training_keeps_frozen_linears_in_bf16_and_exports_in_the_models_dtype(tmp_path):
+    """With weights bf16 holds exactly (like the released checkpoints), bf16 training keeps the frozen Linears in
+    bf16; the export is all float32 again, LoRA merged into the float32 weights."""
+    rounded = tmp_path / "bf16-valued"
+    model = OwlForConditionalGeneration.from_pretrained(CHECKPOINT).to(torch.bfloat16).float()
+    model.save_pretrained(rounded)
+    OwlProcessor.from_pretrained(CHECKPOINT).save_pretrained(rounded)
+    args = _config(tmp_path, **{"model.path": str(rounded), "train.bf16": True, "train.max_steps": 2})
+    recipe = TrainRecipe(load_config(None, args))
+    recipe.setup()
+    q_proj = recipe.accelerator.unwrap_model(recipe.model).language_model.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.bfloat16 and q_proj.lora_A["default"].weight.dtype == torch.float32
+    recipe.train()
+    folder = recipe.export(tmp_path / "final")
+    stored = {}
+    for file in folder.glob("*.safetensors"):
+        stored.update(load_file(file))
+    assert {value.dtype for value in stored.values()} == {torch.float32}  # as written, not cast by the loader
+    merged = OwlForConditionalGeneration.from_pretrained(folder).state_dict()
+    base = model.state_dict()
+    changed = [k for k, v in merged.items() if not torch.equal(v, base[k])]
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 

@@ -45,6 +45,8 @@ class TrainRecipe:
     # --- setup ---------------------------------------------------------------------------------
 
     def setup(self, resume: str | Path | None = None) -> None:
+        from accelerate.utils import DistributedType
+
         from openowl.train.data import LengthGroupedSampler, TrainDataset, read_samples
         from openowl.train.policy import POLICIES, apply_policy, store_frozen_linears
 
@@ -58,8 +60,12 @@ class TrainRecipe:
             raise ValueError(f"unknown policy {cfg.policy!r}; known: {', '.join(POLICIES)}")
         self.policy = dataclasses.replace(POLICIES[cfg.policy], lora=cfg.lora)
         apply_policy(self.model, self.policy, gradient_checkpointing=cfg.train.gradient_checkpointing)
-        if cfg.train.bf16:  # frozen Linear weights that bf16 holds exactly: used as they are, not cast at every call
-            store_frozen_linears(self.model, torch.bfloat16)
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        self.bf16_linears: list[str] = []
+        if cfg.train.bf16 and not sharded:
+            # Frozen Linear weights that bf16 holds exactly are used as they are, not cast at every call (sharding
+            # wants one dtype per module, and DeepSpeed manages precision itself).
+            self.bf16_linears = store_frozen_linears(self.model, torch.bfloat16)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self._set_train_mode()
         if not self.trainable:
@@ -369,6 +375,8 @@ class TrainRecipe:
                     param.data = state[name]
         if not acc.is_main_process:
             return None
+        for name in self.bf16_linears:  # back to the model's dtype (losslessly) before LoRA is merged into them
+            model.get_submodule(name).to(getattr(torch, self.cfg.model.dtype))
         folder = Path(folder)
         if self.policy.language_model == "lora" or "lora" in (self.policy.vision, self.policy.abstractor):
             save_adapter(model, folder / "adapter")
