@@ -349,7 +349,7 @@ def _yes_no_questions(
             for word in re.findall(r"[a-z]+", text):
                 if word in colours or word in SHAPES:
                     wordings["colour" if word in colours else "shape"].add(re.sub(rf"\b{word}\b", "{}", text))
-    ordered = {kind: sorted(texts) for kind, texts in wordings.items()}
+    ordered = {kind: sorted(found) for kind, found in wordings.items()}
     values = {"colour": colours, "shape": list(SHAPES)}
     rows = []
     for image, known in sorted(facts.items()):

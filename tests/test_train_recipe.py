@@ -138,6 +138,10 @@ def test_incomplete_checkpoints_are_never_used(tmp_path):
     assert [p.name for p in checkpoints(tmp_path)] == ["step-000004"]
 
 
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _train_cli(args: list[str], **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     return subprocess.Popen([sys.executable, "-m", "openowl", "train", *args], env=env, cwd=ROOT, **popen)
@@ -182,8 +186,9 @@ def test_two_processes_match_one(tmp_path):
                 "-m", "openowl", "train", *two]  # fmt: skip
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(launcher, env=env, cwd=ROOT, check=True, timeout=600)
-    read = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    torch.testing.assert_close(torch.tensor(read("two")), torch.tensor(read("one")), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(_losses(tmp_path / "two")), torch.tensor(_losses(tmp_path / "one")), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_two_processes_with_image_and_text_only_halves_do_not_hang(tmp_path):
@@ -228,8 +233,9 @@ def test_deepspeed_two_processes_match_one(tmp_path, stage):
     sharded = [a.replace("train.micro_batch_size=2", "train.micro_batch_size=1") for a in one]
     sharded = [a.replace(str(tmp_path / "one"), str(tmp_path / "zero")) for a in sharded]
     _deepspeed_launch(tmp_path, stage, sharded, port=29550 + stage)
-    read = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    torch.testing.assert_close(torch.tensor(read("zero")), torch.tensor(read("one")), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(_losses(tmp_path / "zero")), torch.tensor(_losses(tmp_path / "one")), rtol=1e-5, atol=1e-6
+    )
     last = checkpoints(tmp_path / "zero")[-1]
     assert (last / "deepspeed").is_dir() and not (last / "optimizer.pt").exists()  # the optimizer state is sharded
     final = {run: load_file(checkpoints(tmp_path / run)[-1] / "trainable.safetensors") for run in ("one", "zero")}
@@ -250,8 +256,7 @@ def test_deepspeed_zero3_resume_is_bit_identical(tmp_path):
     shutil.copytree(tmp_path / "whole" / "step-000002", tmp_path / "resumed" / "step-000002")
     resumed = [a.replace(str(tmp_path / "whole"), str(tmp_path / "resumed")) for a in whole]
     _deepspeed_launch(tmp_path, 3, [*resumed, "--resume"], port=29557)
-    read = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert read("resumed") == read("whole")[2:]
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "whole")[2:]
     final = {run: load_file(tmp_path / run / "step-000004" / "trainable.safetensors") for run in ("whole", "resumed")}
     assert final["whole"].keys() == final["resumed"].keys() and any(".lora_A." in k for k in final["whole"])
     for key, value in final["whole"].items():

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -368,7 +369,9 @@ class TrainRecipe:
 
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
-        if _is_zero3(model):  # each process holds a shard: gather the weights into the main process's model
+        if _is_zero3(
+            model.parameters()
+        ):  # each process holds a shard: gather the weights into the main process's model
             state = acc.get_state_dict(self.model)
             if acc.is_main_process:
                 for name, param in model.named_parameters():
@@ -400,13 +403,13 @@ def _accelerator(grad_accum: int):
     return Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
 
 
-def _is_zero3(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+def _is_zero3(params: Iterable[torch.nn.Parameter]) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)  # DeepSpeed marks the weights it partitions
 
 
 def _gathered(params: list[torch.nn.Parameter]):
     """Inside, ZeRO-3-partitioned weights are whole (read-only); other weights are left as they are."""
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not _is_zero3(params):
         return contextlib.nullcontext()
     import deepspeed
 
