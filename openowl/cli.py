@@ -402,6 +402,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe.setup(resume=resume)
     metrics = recipe.train()
     folder = recipe.export(Path(cfg.train.output_dir) / "final")  # every process takes part, the main one writes
+    # Every process waits for the export, then leaves the process group: a process that exits while the group's
+    # threads run can abort (seen under DeepSpeed ZeRO-3 on gloo) and fail the whole launch.
+    recipe.accelerator.wait_for_everyone()
+    recipe.accelerator.end_training()
     if folder is not None:
         print(json.dumps({**metrics, "model": str(folder)}))
     return 0
