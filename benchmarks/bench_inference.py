@@ -10,8 +10,9 @@ Random weights of a real shape (the `llama-1b` preset: the 7B ViT + abstractor a
 - decode tokens/s at batch 1, bytes read per step (LM weights + KV cache), achieved bandwidth, MBU (against the
   higher of the read and copy bandwidths) and the share of the read bandwidth;
 - the same LM under plain transformers `generate(inputs_embeds=...)` (the upstream path), same run;
-- int8 and int4 weight-only decode (torchao), batch 1/4/8 throughput, second chat turn with and without the prefix
-  cache;
+- variants at batch 1: the compiled engine (on a CPU: inductor's GEMMs on frozen, pre-packed weights), int8 and
+  int4 weight-only (torchao), int8 compiled;
+- batch 1/4/8 throughput, second chat turn with and without the prefix cache;
 - with --load-rss: peak RSS while loading a saved bf16 checkpoint, as a multiple of the weights' size.
 """
 
@@ -143,10 +144,12 @@ def prefill_flops(model: OwlForConditionalGeneration, prompt_len: int, images: i
 def decode_run(engine: Engine, request: Request, new_tokens: int, batch: int = 1, repeat: int = 2) -> dict:
     """Time to first token and decode tokens/s of our engine for `batch` copies of `request` (best of `repeat`,
     after a short warm-up run)."""
+    start = time.perf_counter()
     _decode_once(engine, request, 2, batch)
+    first_run_s = time.perf_counter() - start  # with compiling, for a compiled engine
     runs = [_decode_once(engine, request, new_tokens, batch) for _ in range(repeat)]
     return {"ttft_s": min(r["ttft_s"] for r in runs), "decode_tok_s": max(r["decode_tok_s"] for r in runs),
-            "prompt_len": runs[0]["prompt_len"]}  # fmt: skip
+            "prompt_len": runs[0]["prompt_len"], "first_run_s": first_run_s}  # fmt: skip
 
 
 def _decode_once(engine: Engine, request: Request, new_tokens: int, batch: int) -> dict:
@@ -249,7 +252,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-baseline", action="store_true", help="don't time plain transformers generate")
     parser.add_argument(
-        "--quantize", default="int8,int4", help="weight-only modes to time, comma-separated ('' for none)"
+        "--variants",
+        default="compile,int8,int8+compile,int4",
+        help="more decoders to time at batch 1, comma-separated ('' for none): int8 / int4 weight-only, and "
+        "'compile' (alone or as '+compile') for the compiled engine; each on a fresh copy of the random weights",
     )
     parser.add_argument("--batches", default="1,4,8", help="batch sizes for throughput")
     parser.add_argument("--load-rss", action="store_true", help="also measure peak RSS while loading (saves to /tmp)")
@@ -306,19 +312,24 @@ def main() -> None:
     result["second_turn"] = second_turn(engine, request, args.new_tokens)
     if args.load_rss:
         result["load_rss"] = load_rss(model)
-    for i, mode in enumerate(filter(None, args.quantize.split(","))):
+    result["variants"] = {}
+    for spec in filter(None, args.variants.split(",")):
         from openowl.infer.quantize import quantize
 
-        if i:  # quantization is in place: the next mode starts from the same random weights again
-            del engine, model
-            model = random_model(args.preset, dtype, device)
-            engine = Engine(model, processor, compile=args.compile)
-        quantize(model, mode)
+        del engine, model  # a fresh model: quantization is in place, and compiling freezes a copy of the weights
+        model = random_model(args.preset, dtype, device)
+        options = spec.split("+")
+        for mode in set(options) - {"compile"}:
+            quantize(model, mode)
+        engine = Engine(model, processor, compile=args.compile or "compile" in options)
         run = decode_run(engine, request, args.new_tokens)
         run["weight_gb"] = lm_bytes(model) / 1e9
+        step_bytes = lm_bytes(model) + kv_bytes(model, run["prompt_len"] + args.new_tokens // 2)
+        run["achieved_gbps"] = step_bytes * run["decode_tok_s"] / 1e9
+        run["of_read_bandwidth"] = run["achieved_gbps"] / result["machine"]["read_gbps"]
         if "transformers_generate" in result:
             run["speedup_vs_transformers"] = run["decode_tok_s"] / result["transformers_generate"]["decode_tok_s"]
-        result[mode] = run
+        result["variants"][spec] = run
 
     print_table(result)
     print(json.dumps(result))
@@ -348,13 +359,13 @@ def print_table(r: dict) -> None:
         decode = f"{b['decode_tok_s']:.2f} tok/s, MBU {b['mbu']:.0%} ({b['of_read_bandwidth']:.0%} of read)"
         rows.append(("transformers generate: decode", decode))
         rows.append(("speedup vs transformers", f"{r['speedup_vs_transformers']:.2f}x"))
-    for mode in ("int8", "int4"):
-        if mode in r:
-            q = r[mode]
-            vs = f", {q['speedup_vs_transformers']:.2f}x transformers" if "speedup_vs_transformers" in q else ""
-            rows.append(
-                (f"{mode}: decode", f"{q['decode_tok_s']:.2f} tok/s ({q['weight_gb']:.2f} GB of LM weights{vs})")
-            )
+    for spec, q in r["variants"].items():
+        vs = f", {q['speedup_vs_transformers']:.2f}x transformers" if "speedup_vs_transformers" in q else ""
+        decode = f"{q['decode_tok_s']:.2f} tok/s, {q['achieved_gbps']:.1f} GB/s ({q['of_read_bandwidth']:.0%} of read)"
+        rows.append((f"{spec}: decode", f"{decode}; {q['weight_gb']:.2f} GB of LM weights{vs}"))
+        rows.append(
+            (f"{spec}: time to first token", f"{q['ttft_s'] * 1e3:.0f} ms (first run {q['first_run_s']:.0f} s)")
+        )
     for b, v in r["batch_throughput_tok_s"].items():
         rows.append((f"batch {b} throughput", f"{v:.2f} tok/s"))
     t = r["second_turn"]

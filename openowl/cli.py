@@ -46,7 +46,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=["int8", "int4"], help="weight-only quantization of the language model (torchao)"
     )
     group.add_argument(
-        "--compile", action="store_true", help="decode through torch.compile with a static cache (best on GPUs)"
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile with a static cache (GPUs; on a CPU it pays for --quantize int8 only)",
     )
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 from openowl import OwlForConditionalGeneration, OwlProcessor, build_prompt
 from openowl.config import get_preset
 from openowl.infer.engine import Detokenizer, Engine, Request
-from openowl.infer.generate import forward_step, generate_tokens, new_cache, prefill
+from openowl.infer.generate import decode_one_token, forward_step, generate_tokens, new_cache, prefill, static_cache
+from openowl.infer.quantize import Int8WeightOnlyLinear
 from openowl.infer.sampling import SamplingParams, apply_repetition_penalty, banned_ngram_tokens, sample_next
 from openowl.infer.session import ChatSession
 
@@ -637,7 +638,13 @@ def test_weight_only_quantization_is_close_to_bf16(tiny, mode):
         reference = model(input_ids=ids, pixel_values=pixels).logits.float()
     assert quantize(model, mode, group_size=32) is model  # the tiny LM is 64 wide: groups of 32
     linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(isinstance(m.weight, TorchAOBaseTensor) for m in linears)
+    if mode == "int8":  # on a CPU: plain int8 tensors, torchao's values
+        assert not linears
+        int8 = [m for m in model.language_model.modules() if isinstance(m, Int8WeightOnlyLinear)]
+        assert len(int8) == 7 * model.language_model.config.num_hidden_layers + 1  # q k v o, gate up down; the head
+        assert all(m.weight.dtype == torch.int8 and m.scale.dtype == torch.bfloat16 for m in int8)
+    else:
+        assert linears and all(isinstance(m.weight, TorchAOBaseTensor) for m in linears)
     vision = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.Linear)]
     assert vision and not any(isinstance(m.weight, TorchAOBaseTensor) for m in vision)  # vision stays as it was
     with torch.no_grad():
@@ -647,6 +654,49 @@ def test_weight_only_quantization_is_close_to_bf16(tiny, mode):
     assert not torch.equal(reference, quantized)  # something really changed
     completion = Engine(model, tiny.processor).generate([Request(_prompt("Hi"))], SamplingParams(max_new_tokens=4))[0]
     assert len(completion.token_ids) == 4
+
+
+def test_int8_linear_matches_its_dequantized_weight():
+    """Both paths of the CPU int8 Linear (PyTorch's int8 kernel for a few rows, a dequantized GEMM for more)
+    compute x @ (int8 * scale).T + bias."""
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (48, 32), dtype=torch.int8)
+    scale, bias = torch.rand(48) / 100, torch.randn(48)
+    layer = Int8WeightOnlyLinear(weight, scale, bias)
+    for rows in (1, 40):
+        x = torch.randn(2, rows, 32)
+        expected = x @ (weight.float() * scale[:, None]).T + bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_compiled_cpu_decoding_runs_inductors_gemms_on_frozen_weights(tiny, mode):
+    """On a CPU, the compiled decoding step freezes the weights so that inductor runs its own pre-packed GEMMs
+    (AMX for bf16; for int8 in place of PyTorch's int8 kernel: the fast paths of the README's figures), and
+    computes the logits of the eager step."""
+    pytest.importorskip("torchao")
+    from torch._dynamo.utils import counters
+
+    from openowl.infer.engine import compiled_decode
+    from openowl.infer.quantize import quantize
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    if mode == "int8":
+        quantize(model, "int8")
+    batch = tiny.processor.pad([tiny.processor.tokenize_prompt(_prompt("Describe this image.", 1))])
+    features = Engine(model, tiny.processor, compile=True).image_features([IMAGES / "image0.jpg"])  # plain Linears
+    cache = static_cache(model, 128)
+    with torch.no_grad():
+        logits, mask = prefill(model, batch["input_ids"], batch["attention_mask"], cache, features)
+        token, used = logits.argmax(-1), mask.shape[1]
+        full = torch.cat([mask, mask.new_zeros(1, 128 - used)], dim=1)
+        full[:, used] = 1
+        positions = torch.tensor([[used]])
+        counters.clear()
+        fast = compiled_decode(model)(model, token, full, positions, cache).float()
+        slow = decode_one_token(model, token, full, positions, cache).float()  # rewrites the same cache slot
+    assert counters["inductor"]["cpp_templated_kernel_counter"] >= 7 * model.language_model.config.num_hidden_layers
+    assert torch.nn.functional.cosine_similarity(fast, slow).item() > 0.9999
 
 
 def test_unknown_quantization_mode_raises(tiny):

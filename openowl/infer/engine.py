@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from openowl.infer.generate import decode_one_token, generate_tokens, static_cache
-from openowl.infer.kernels import use_matvec_linears
+from openowl.infer.kernels import is_tensor_subclass, use_matvec_linears, use_plain_linears
 from openowl.infer.sampling import SamplingParams
 from openowl.model.owl import OwlForConditionalGeneration
 from openowl.processing import ImageInput, OwlProcessor, check_media_count
@@ -139,8 +139,9 @@ class Engine:
     ):
         """
         Args:
-            compile: decode with a static KV cache through `torch.compile` (CUDA graphs on GPUs). The first
-                request of each batch size and length bucket pays for compiling; later ones run fast.
+            compile: decode with a static KV cache through `torch.compile`: CUDA graphs on GPUs; on a CPU, frozen
+                weights and inductor's own GEMM kernels (see `compiled_decode`). The first request of each batch
+                size and length bucket pays for compiling; later ones run fast.
         """
         self.model = model
         self.processor = processor
@@ -149,12 +150,9 @@ class Engine:
         eos = model.language_model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = frozenset(e for e in [processor.tokenizer.eos_token_id, *eos] if e is not None)
-        if model.device.type == "cpu":
-            use_matvec_linears(model.language_model)
-        self._decode = decode_one_token
-        if compile:
-            mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._decode = torch.compile(decode_one_token, mode=mode, dynamic=False)
+        if model.device.type == "cpu":  # torch.mv is slower than inductor's own GEMMs under torch.compile
+            (use_plain_linears if compile else use_matvec_linears)(model.language_model)
+        self._decode = compiled_decode(model) if compile else decode_one_token
         self.compiled = compile
 
     # --- visual features -----------------------------------------------------------------------
@@ -234,6 +232,32 @@ class Engine:
                 return
             yield deltas
         yield [d.finish() for d in state.detoks]
+
+
+def compiled_decode(model: OwlForConditionalGeneration) -> Callable:
+    """`decode_one_token` through `torch.compile`, set for the model's device.
+
+    On CUDA: CUDA graphs ("reduce-overhead"). On a CPU: max-autotune with frozen weights, so that inductor
+    pre-packs every weight for its own GEMM kernels (AMX for bf16; for int8 weight-only, see `quantize`, they
+    read the weights about 1.7x as fast as PyTorch's int8 kernel). PyTorch's kernels are left out of the choice
+    unless a weight needs them (a torchao tensor: int4): timed on one cache-warm weight, as autotuning does,
+    they sometimes win, yet they are the slower ones on weights streamed from memory. The frozen weights are
+    copies: the model must not change afterwards, and its language model's weights are held twice.
+    """
+    if model.device.type == "cuda":
+        return torch.compile(decode_one_token, mode="reduce-overhead", dynamic=False)
+    import torch._inductor.config as inductor_config
+
+    aten = any(is_tensor_subclass(p) for p in model.language_model.parameters())
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN" if aten else "CPP"}
+    compiled = torch.compile(decode_one_token, options=options, dynamic=False)
+
+    def decode(*args: object) -> torch.Tensor:
+        # Read when inductor compiles a graph, outside the scope of `options`, so it is set around every call.
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
+
+    return decode
 
 
 @dataclass

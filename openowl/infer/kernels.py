@@ -15,7 +15,7 @@ class MatvecLinear(nn.Linear):
     """An `nn.Linear` whose one-row products on the CPU run as `torch.mv`; the same parameters and state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.numel() != x.shape[-1] or _is_subclass(self.weight):
+        if x.device.type != "cpu" or x.numel() != x.shape[-1] or is_tensor_subclass(self.weight):
             return super().forward(x)
         y = torch.mv(self.weight, x.reshape(-1))
         if self.bias is not None:
@@ -31,7 +31,8 @@ def use_matvec_linears(module: nn.Module) -> int:
     """
     count = 0
     for m in module.modules():
-        if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16) and not _is_subclass(m.weight):
+        half = m.weight.dtype in (torch.bfloat16, torch.float16) if type(m) is nn.Linear else False
+        if half and not is_tensor_subclass(m.weight):
             m.__class__ = MatvecLinear
             count += 1
     return count
@@ -47,6 +48,6 @@ def use_plain_linears(module: nn.Module) -> int:
     return count
 
 
-def _is_subclass(weight: torch.Tensor) -> bool:
+def is_tensor_subclass(weight: torch.Tensor) -> bool:
     """A quantized (tensor-subclass) weight, which brings its own kernels."""
     return type(weight.data) is not torch.Tensor
