@@ -48,7 +48,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compile",
         action="store_true",
-        help="decode through torch.compile with a static cache (GPUs; on a CPU it pays for --quantize int8 only)",
+        help="decode through torch.compile with a static cache: CUDA graphs on GPUs, frozen pre-packed weights on a "
+        "CPU (the first answer pays minutes of compiling; the weights are then held twice)",
     )
 
 
