@@ -656,6 +656,25 @@ def test_weight_only_quantization_is_close_to_bf16(tiny, mode):
     assert len(completion.token_ids) == 4
 
 
+def test_cpu_int8_skips_widths_its_kernel_cannot_read(tiny):
+    """PyTorch's CPU int8 kernel reads 16 inputs at a time (in bf16 it crashes or returns garbage otherwise): a
+    Linear whose input width is not a multiple of 16 stays in full precision, and the model still runs."""
+    pytest.importorskip("torchao")
+    from openowl.infer.quantize import quantize
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    mlp = model.language_model.model.layers[0].mlp
+    width = mlp.down_proj.in_features + 8
+    mlp.up_proj = torch.nn.Linear(mlp.up_proj.in_features, width, bias=False, dtype=torch.bfloat16)
+    mlp.gate_proj = torch.nn.Linear(mlp.gate_proj.in_features, width, bias=False, dtype=torch.bfloat16)
+    mlp.down_proj = torch.nn.Linear(width, mlp.down_proj.out_features, bias=False, dtype=torch.bfloat16)
+    quantize(model, "int8")
+    assert type(mlp.down_proj) is torch.nn.Linear and mlp.down_proj.weight.dtype == torch.bfloat16
+    assert isinstance(mlp.up_proj, Int8WeightOnlyLinear) and isinstance(mlp.gate_proj, Int8WeightOnlyLinear)
+    completion = Engine(model, tiny.processor).generate([Request(_prompt("Hi"))], SamplingParams(max_new_tokens=3))[0]
+    assert len(completion.token_ids) == 3
+
+
 def test_int8_linear_matches_its_dequantized_weight():
     """Both paths of the CPU int8 Linear (PyTorch's int8 kernel for a few rows, a dequantized GEMM for more)
     compute x @ (int8 * scale).T + bias."""

@@ -31,7 +31,7 @@ def use_matvec_linears(module: nn.Module) -> int:
     """
     count = 0
     for m in module.modules():
-        half = m.weight.dtype in (torch.bfloat16, torch.float16) if type(m) is nn.Linear else False
+        half = type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16)
         if half and not is_tensor_subclass(m.weight):
             m.__class__ = MatvecLinear
             count += 1
