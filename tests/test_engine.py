@@ -693,14 +693,15 @@ def test_compiled_cpu_decoding_runs_inductors_gemms_on_frozen_weights(tiny, mode
     """On a CPU, the compiled decoding step freezes the weights so that inductor runs its own pre-packed GEMMs
     (AMX for bf16; for int8 in place of PyTorch's int8 kernel: the fast paths of the README's figures), and
     computes the logits of the eager step."""
-    pytest.importorskip("torchao")
     from torch._dynamo.utils import counters
 
     from openowl.infer.engine import compiled_decode
-    from openowl.infer.quantize import quantize
 
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
     if mode == "int8":
+        pytest.importorskip("torchao")
+        from openowl.infer.quantize import quantize
+
         quantize(model, "int8")
     batch = tiny.processor.pad([tiny.processor.tokenize_prompt(_prompt("Describe this image.", 1))])
     features = Engine(model, tiny.processor, compile=True).image_features([IMAGES / "image0.jpg"])  # plain Linears
