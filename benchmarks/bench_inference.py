@@ -165,6 +165,14 @@ def _decode_once(engine: Engine, request: Request, new_tokens: int, batch: int) 
     return {"ttft_s": first - start, "decode_tok_s": batch * steps / (end - first), "prompt_len": lengths[0]}
 
 
+def add_bandwidth(run: dict, step_bytes: int, machine: dict) -> None:
+    """Add a decode run's achieved bandwidth (`step_bytes` read per step), its MBU and its share of the read
+    bandwidth."""
+    run["achieved_gbps"] = step_bytes * run["decode_tok_s"] / 1e9
+    run["mbu"] = run["achieved_gbps"] / machine["bandwidth_gbps"]
+    run["of_read_bandwidth"] = run["achieved_gbps"] / machine["read_gbps"]
+
+
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median decode rate (its time to first token comes with it)."""
     return dict(sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2])
@@ -292,17 +300,13 @@ def main() -> None:
         pairs = zip(ours_runs, base_runs, strict=True)
         result["speedup_per_round"] = [o["decode_tok_s"] / b["decode_tok_s"] for o, b in pairs]
     step_bytes = lm_bytes(model) + kv_bytes(model, ours["prompt_len"] + args.new_tokens // 2)
-    ours["achieved_gbps"] = step_bytes * ours["decode_tok_s"] / 1e9
-    ours["mbu"] = ours["achieved_gbps"] / result["machine"]["bandwidth_gbps"]
-    ours["of_read_bandwidth"] = ours["achieved_gbps"] / result["machine"]["read_gbps"]
+    add_bandwidth(ours, step_bytes, result["machine"])
     ours["prefill_tflops"] = prefill_flops(model, ours["prompt_len"], 1) / ours["ttft_s"] / 1e12
     peak = result["machine"]["matmul_tflops"]["float32" if args.dtype == "float32" else "bfloat16"]
     ours["prefill_mfu"] = ours["prefill_tflops"] / peak
     result["ours"] = ours
     if base is not None:
-        base["achieved_gbps"] = step_bytes * base["decode_tok_s"] / 1e9
-        base["mbu"] = base["achieved_gbps"] / result["machine"]["bandwidth_gbps"]
-        base["of_read_bandwidth"] = base["achieved_gbps"] / result["machine"]["read_gbps"]
+        add_bandwidth(base, step_bytes, result["machine"])
         result["transformers_generate"] = base
         result["speedup_vs_transformers"] = ours["decode_tok_s"] / base["decode_tok_s"]
     result["batch_throughput_tok_s"] = {
@@ -325,8 +329,7 @@ def main() -> None:
         run = decode_run(engine, request, args.new_tokens)
         run["weight_gb"] = lm_bytes(model) / 1e9
         step_bytes = lm_bytes(model) + kv_bytes(model, run["prompt_len"] + args.new_tokens // 2)
-        run["achieved_gbps"] = step_bytes * run["decode_tok_s"] / 1e9
-        run["of_read_bandwidth"] = run["achieved_gbps"] / result["machine"]["read_gbps"]
+        add_bandwidth(run, step_bytes, result["machine"])
         if "transformers_generate" in result:
             run["speedup_vs_transformers"] = run["decode_tok_s"] / result["transformers_generate"]["decode_tok_s"]
         result["variants"][spec] = run

@@ -103,9 +103,9 @@ class Int8WeightOnlyLinear(nn.Module):
 def _unwrap_int8(part: nn.Module) -> None:
     """Replace every Linear holding a torchao int8 weight by an `Int8WeightOnlyLinear` with the same values."""
     for name, module in list(part.named_modules()):
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or not hasattr(weight, "qdata"):
+        if not isinstance(module, nn.Linear) or not hasattr(module.weight, "qdata"):
             continue
+        weight = module.weight
         scale = weight.scale.reshape(-1).to(weight.dtype)  # torchao keeps (N, 1) float32 scales
         bias = None if module.bias is None else module.bias.detach()
         parent, _, attr = name.rpartition(".")

@@ -369,9 +369,8 @@ class TrainRecipe:
 
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
-        if _is_zero3(
-            model.parameters()
-        ):  # each process holds a shard: gather the weights into the main process's model
+        # Under ZeRO-3 each process holds a shard: gather the weights into the main process's model.
+        if _is_zero3(model.parameters()):
             state = acc.get_state_dict(self.model)
             if acc.is_main_process:
                 for name, param in model.named_parameters():
