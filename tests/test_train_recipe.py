@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from openowl import OwlForConditionalGeneration, OwlProcessor
+from openowl.model.abstractor import AbstractorAttention
 from openowl.train.config import TrainConfig, load_config
 from openowl.train.recipe import TrainRecipe, checkpoints
 
@@ -130,6 +131,60 @@ def test_bf16_training_keeps_frozen_linears_in_bf16_and_exports_in_the_models_dt
     base = model.state_dict()
     changed = [k for k, v in merged.items() if not torch.equal(v, base[k])]
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_compiled_layers_train_like_eager_ones(tmp_path):
+    """`train.compile` compiles every layer of the three stacks and gives the eager run's gradients and losses: the
+    abstractor trained in full, LoRA on the LLM, the ViT frozen in front; batches of several lengths, some
+    text-only."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compiled in (False, True):
+        settings = {"policy": "stage2-abstractor", "lora.dropout": 0.0, "train.max_steps": 3, "train.save_every": 0,
+                    "train.compile": compiled, "train.output_dir": str(tmp_path / f"run-{compiled}")}  # fmt: skip
+        (tmp_path / str(compiled)).mkdir()
+        recipe = TrainRecipe(load_config(None, _config(tmp_path / str(compiled), **settings)))
+        counters.clear()
+        recipe.setup()
+        for module in recipe.model.modules():
+            if isinstance(module, AbstractorAttention):
+                module.dropout = 0.0  # the same random draws can't be asked of the compiled code
+        recipe._loss_sum(next(recipe._batches())).backward()
+        grads = {name: param.grad.clone() for name, param in recipe.trainable.items()}
+        recipe.optimizer.zero_grad(set_to_none=True)
+        recipe.batch_in_epoch = 0
+        recipe.train()
+        model = recipe.accelerator.unwrap_model(recipe.model)
+        layers = [*model.vision_model.encoder.layers, *model.abstractor.encoder.layers,
+                  *model.language_model.model.layers]  # fmt: skip
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # dynamo really captured graphs
+        runs[compiled] = grads, _losses(Path(recipe.cfg.train.output_dir))
+    (eager_grads, eager_losses), (grads, losses) = runs[False], runs[True]
+    assert grads.keys() == eager_grads.keys()  # the same parameter names: checkpoints don't change
+    for name, grad in grads.items():  # float32 rounding, measured at 5e-7 of each tensor's largest value
+        scale = eager_grads[name].abs().max().item()  # about 0 for a key bias: softmax ignores a shift
+        torch.testing.assert_close(grad, eager_grads[name], rtol=0, atol=1e-5 * scale + 1e-8, msg=name)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
+
+
+def test_compile_is_refused_with_sharding(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}  # a one-process DeepSpeed launch  # fmt: skip
+    for key, value in deepspeed.items():
+        monkeypatch.setenv(key, value)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
+    recipe = TrainRecipe(load_config(None, _config(tmp_path, **{"train.compile": True})))
+    try:
+        with pytest.raises(ValueError, match="train.compile works in one process or under DDP"):
+            recipe.setup()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_incomplete_checkpoints_are_never_used(tmp_path):

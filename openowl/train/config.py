@@ -58,6 +58,7 @@ class TrainSection:
     max_steps: int | None = None  # optimizer steps; default: whole epochs
     bf16: bool = False  # autocast matmuls to bfloat16
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each layer (`recipe.compile_layers`); one process or DDP
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0 = only at the end

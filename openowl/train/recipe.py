@@ -53,6 +53,9 @@ class TrainRecipe:
 
         cfg = self.cfg
         self.accelerator = _accelerator(cfg.train.grad_accum)
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if cfg.train.compile and sharded:
+            raise ValueError("train.compile works in one process or under DDP, not with DeepSpeed or FSDP")
         self._configure_deepspeed()
         _seed_everything(cfg.train.seed)
         with _plain_init(self.accelerator.state.deepspeed_plugin):
@@ -61,12 +64,13 @@ class TrainRecipe:
             raise ValueError(f"unknown policy {cfg.policy!r}; known: {', '.join(POLICIES)}")
         self.policy = dataclasses.replace(POLICIES[cfg.policy], lora=cfg.lora)
         apply_policy(self.model, self.policy, gradient_checkpointing=cfg.train.gradient_checkpointing)
-        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         self.bf16_linears: list[str] = []
         if cfg.train.bf16 and not sharded:
             # Frozen Linear weights that bf16 holds exactly are used as they are, not cast at every call (sharding
             # wants one dtype per module, and DeepSpeed manages precision itself).
             self.bf16_linears = store_frozen_linears(self.model, torch.bfloat16)
+        if cfg.train.compile:
+            compile_layers(self.model)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self._set_train_mode()
         if not self.trainable:
@@ -486,6 +490,21 @@ def _is_fsdp2(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Compile, in place, each layer of every stack of layers (the ViT's, the abstractor's, the LLM's decoder
+    layers) with `torch.compile`; returns how many.
+
+    Per layer rather than whole-model: the layers of a stack share one compiled graph, so compiling costs about as
+    much for 24 layers as for one, and parameter names (checkpoints, the optimizer) stay as they are. Inductor fuses
+    what lies between the matrix products (norms, activations, residual adds, autocast's casts and their
+    gradients). Batches of a new length recompile once; after that the sequence length is a dynamic dimension.
+    """
+    layers = [layer for stack in model.modules() if isinstance(stack, torch.nn.ModuleList) for layer in stack]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def make_optimizer(trainable: list[torch.nn.Parameter], o: OptimSection) -> torch.optim.AdamW:
