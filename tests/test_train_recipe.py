@@ -133,16 +133,18 @@ def test_bf16_training_keeps_frozen_linears_in_bf16_and_exports_in_the_models_dt
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 
-def test_compiled_layers_train_like_eager_ones(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_train_like_eager_ones(tmp_path, checkpointing):
     """`train.compile` compiles every layer of the three stacks and gives the eager run's gradients and losses: the
     abstractor trained in full, LoRA on the LLM, the ViT frozen in front; batches of several lengths, some
-    text-only."""
+    text-only; with and without gradient checkpointing."""
     from torch._dynamo.utils import counters
 
     runs = {}
     for compiled in (False, True):
         settings = {"policy": "stage2-abstractor", "lora.dropout": 0.0, "train.max_steps": 3, "train.save_every": 0,
-                    "train.compile": compiled, "train.output_dir": str(tmp_path / f"run-{compiled}")}  # fmt: skip
+                    "train.compile": compiled, "train.gradient_checkpointing": checkpointing,
+                    "train.output_dir": str(tmp_path / f"run-{compiled}")}  # fmt: skip
         (tmp_path / str(compiled)).mkdir()
         recipe = TrainRecipe(load_config(None, _config(tmp_path / str(compiled), **settings)))
         counters.clear()
