@@ -155,7 +155,7 @@ def test_compiled_layers_train_like_eager_ones(tmp_path, checkpointing):
         recipe._loss_sum(next(recipe._batches())).backward()
         grads = {name: param.grad.clone() for name, param in recipe.trainable.items()}
         recipe.optimizer.zero_grad(set_to_none=True)
-        recipe.batch_in_epoch = 0
+        recipe.batch_in_epoch = 0  # train from the first batch again
         recipe.train()
         model = recipe.accelerator.unwrap_model(recipe.model)
         layers = [*model.vision_model.encoder.layers, *model.abstractor.encoder.layers,
