@@ -13,7 +13,15 @@ from PIL import Image
 from openowl import OwlForConditionalGeneration, OwlProcessor, build_prompt
 from openowl.config import get_preset
 from openowl.infer.engine import Detokenizer, Engine, Request
-from openowl.infer.generate import decode_one_token, forward_step, generate_tokens, new_cache, prefill, static_cache
+from openowl.infer.generate import (
+    ChunkedLayer,
+    decode_one_token,
+    forward_step,
+    generate_tokens,
+    new_cache,
+    prefill,
+    static_cache,
+)
 from openowl.infer.quantize import Int8WeightOnlyLinear
 from openowl.infer.sampling import SamplingParams, apply_repetition_penalty, banned_ngram_tokens, sample_next
 from openowl.infer.session import ChatSession
@@ -726,3 +734,37 @@ def test_unknown_quantization_mode_raises(tiny):
     with pytest.raises(ValueError, match="int2"):
         quantize(tiny.model, "int2")
     assert all(type(p) is torch.nn.Parameter for p in tiny.model.parameters())  # left untouched
+
+
+def test_chunked_cache_layer_holds_what_concatenation_holds():
+    """Prefill, steps across chunk boundaries, a crop, a batch selection and a replaced tensor: the layer's keys
+    and values are always those of plain concatenation, and steps inside a chunk write in place."""
+    torch.manual_seed(0)
+    layer, keys, values = ChunkedLayer(), None, None
+    layer.chunk = 4
+
+    def step(n: int, rows: int = 3) -> None:
+        nonlocal keys, values
+        k, v = torch.randn(rows, 2, n, 5), torch.randn(rows, 2, n, 5)
+        keys = k if keys is None else torch.cat([keys, k], dim=2)
+        values = v if values is None else torch.cat([values, v], dim=2)
+        out = layer.update(k, v)
+        assert torch.equal(out[0], keys) and torch.equal(out[1], values)
+        assert torch.equal(layer.keys, keys) and layer.get_seq_length() == keys.shape[2]
+
+    step(3)  # prefill
+    buffer = layer.keys.data_ptr()
+    step(1)
+    assert layer.keys.data_ptr() == buffer  # in place, inside the first chunk
+    step(1)
+    step(6)  # across two boundaries
+    layer.crop(-4)
+    keys, values = keys[:, :, :-4], values[:, :, :-4]
+    step(2)
+    index = torch.tensor([2, 0])
+    layer.batch_select_indices(index)
+    keys, values = keys[index], values[index]
+    step(1, rows=2)
+    layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]  # as the server drops padding columns
+    keys, values = keys[:, :, 3:], values[:, :, 3:]
+    step(2, rows=2)
