@@ -5,7 +5,8 @@
 Random weights of a real shape (the `llama-1b` preset: the 7B ViT + abstractor and a 1.26 B LLaMA-shaped LM;
 `mplug-owl-7b` where memory allows). Prints a table and, last, one JSON line:
 
-- machine: measured read and copy bandwidth, bf16 / fp32 matmul peak;
+- machine: the card, or the CPU and which one-row kernel the eager engine runs on it; measured read and copy
+  bandwidth, bf16 / fp32 matmul peak;
 - time to first token (image + short prompt) and the FLOP/s it reached (ViT + abstractor + LM prefill);
 - decode tokens/s at batch 1, bytes read per step (LM weights + KV cache), achieved bandwidth, MBU (against the
   higher of the read and copy bandwidths) and the share of the read bandwidth;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,7 @@ from accelerate import init_empty_weights
 from openowl import OwlForConditionalGeneration, OwlProcessor, get_preset
 from openowl.infer.engine import Engine, Request
 from openowl.infer.generate import generate_tokens
-from openowl.infer.kernels import use_matvec_linears, use_plain_linears
+from openowl.infer.kernels import has_amx, use_matvec_linears, use_plain_linears
 from openowl.infer.sampling import SamplingParams
 from openowl.infer.session import ChatSession
 
@@ -74,6 +76,14 @@ def machine_limits(device: torch.device) -> dict:
         peaks[str(dtype).removeprefix("torch.")] = 2 * n**3 / timed(lambda a=a, b=b: (a @ b, _sync(device)))
     return {"read_gbps": read / 1e9, "copy_gbps": copy / 1e9, "bandwidth_gbps": max(read, copy) / 1e9,
             "matmul_tflops": {k: v / 1e12 for k, v in peaks.items()}}  # fmt: skip
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def _sync(device: torch.device) -> None:
@@ -280,6 +290,9 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["card"] = torch.cuda.get_device_name(device)
+    else:  # which one-row kernel the eager engine runs depends on the CPU (openowl/infer/kernels.py)
+        result["cpu"] = cpu_name()
+        result["one_row_kernel"] = "oneDNN torch.mv (AMX)" if has_amx() else "PyTorch torch.mv (no AMX)"
     result["machine"] = machine_limits(device)
     model = random_model(args.preset, dtype, device)
     processor = OwlProcessor.from_pretrained(TOKENIZER)  # the real LLaMA tokenizer
@@ -340,7 +353,8 @@ def main() -> None:
 
 def print_table(r: dict) -> None:
     m = r["machine"]
-    rows = [
+    rows = [("device", r.get("card") or f"{r['cpu']}, {r['threads']} threads; one-row kernel: {r['one_row_kernel']}")]
+    rows += [
         ("machine read / copy bandwidth", f"{m['read_gbps']:.1f} / {m['copy_gbps']:.1f} GB/s"),
         (
             "matmul peak bf16 / fp32",
