@@ -32,7 +32,8 @@ class MatvecLinear(nn.Linear):
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`torch.mv(weight, x)` through the faster of oneDNN's kernel and PyTorch's on this CPU (module docstring).
+    """`torch.mv(weight, x)`: through oneDNN where the CPU has AMX, through PyTorch's own kernel elsewhere (the faster
+    one on each kind of CPU measured, module docstring).
 
     oneDNN is switched off by a process-wide flag, for the length of this one call: a GEMM that another thread runs
     at the same moment may take PyTorch's slower kernel, with the same result.
