@@ -66,6 +66,9 @@ def main(out: Path) -> None:
     if main_process:
         save_file(uninterrupted, out / "uninterrupted.safetensors")
         save_file(resumed, out / "resumed.safetensors")
+    # Leave together: a process that tore its gloo group down while the other was still writing once aborted
+    # ("terminate called without an active exception") and took the run down with it.
+    dist.barrier()
     dist.destroy_process_group()
 
 
