@@ -15,6 +15,8 @@ So one-row products run as `torch.mv`: through oneDNN where the CPU has AMX, thr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -48,6 +50,7 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         torch.backends.mkldnn.enabled = enabled
 
 
+@functools.cache  # asked at every one-row product; the CPU doesn't change
 def has_amx() -> bool:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(amx is not None and amx())
