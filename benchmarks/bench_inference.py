@@ -5,7 +5,7 @@
 Random weights of a real shape (the `llama-1b` preset: the 7B ViT + abstractor and a 1.26 B LLaMA-shaped LM;
 `mplug-owl-7b` where memory allows). Prints a table and, last, one JSON line:
 
-- machine: the card, or the CPU and which one-row kernel the eager engine runs on it; measured read and copy
+- machine: the card, or the CPU and which kernels the eager engine decodes with on it; measured read and copy
   bandwidth, bf16 / fp32 matmul peak;
 - time to first token (image + short prompt) and the FLOP/s it reached (ViT + abstractor + LM prefill);
 - decode tokens/s at batch 1, bytes read per step (LM weights + KV cache), achieved bandwidth, MBU (against the
@@ -34,7 +34,7 @@ from accelerate import init_empty_weights
 from openowl import OwlForConditionalGeneration, OwlProcessor, get_preset
 from openowl.infer.engine import Engine, Request
 from openowl.infer.generate import generate_tokens
-from openowl.infer.kernels import has_amx, use_matvec_linears, use_plain_linears
+from openowl.infer.kernels import kernel_choice, use_decode_kernels, use_stock_kernels
 from openowl.infer.sampling import SamplingParams
 from openowl.infer.session import ChatSession
 
@@ -206,13 +206,13 @@ def baseline_run(
         _sync(model.device)
         return time.perf_counter() - start
 
-    swapped = use_plain_linears(model.language_model)
+    swapped = use_stock_kernels(model.language_model)
     try:
         run(2)
         one, full = min(run(1) for _ in range(2)), run(new_tokens)
     finally:
         if swapped:
-            use_matvec_linears(model.language_model)
+            use_decode_kernels(model.language_model)
     return {"ttft_s": one, "decode_tok_s": (new_tokens - 1) / (full - one)}
 
 
@@ -290,9 +290,9 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["card"] = torch.cuda.get_device_name(device)
-    else:  # which one-row kernel the eager engine runs depends on the CPU (openowl/infer/kernels.py)
+    else:  # which kernels the eager engine decodes with depends on the CPU (openowl/infer/kernels.py)
         result["cpu"] = cpu_name()
-        result["one_row_kernel"] = "oneDNN torch.mv (AMX)" if has_amx() else "PyTorch torch.mv (no AMX)"
+        result["decode_kernels"] = kernel_choice()
     result["machine"] = machine_limits(device)
     model = random_model(args.preset, dtype, device)
     processor = OwlProcessor.from_pretrained(TOKENIZER)  # the real LLaMA tokenizer
@@ -353,7 +353,7 @@ def main() -> None:
 
 def print_table(r: dict) -> None:
     m = r["machine"]
-    rows = [("device", r.get("card") or f"{r['cpu']}, {r['threads']} threads; one-row kernel: {r['one_row_kernel']}")]
+    rows = [("device", r.get("card") or f"{r['cpu']}, {r['threads']} threads; decoding: {r['decode_kernels']}")]
     rows += [
         ("machine read / copy bandwidth", f"{m['read_gbps']:.1f} / {m['copy_gbps']:.1f} GB/s"),
         (

@@ -696,44 +696,18 @@ def test_int8_linear_matches_its_dequantized_weight():
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_matvec_linear_computes_what_linear_computes(monkeypatch, amx):
-    """One-row products run as `torch.mv`, through oneDNN only where the CPU has AMX (`kernels.py`), and give
-    `F.linear`'s result; other shapes are `F.linear`'s own."""
-    from openowl.infer import kernels
-
-    monkeypatch.setattr(kernels, "has_amx", lambda: amx)
-    onednn_during_mv = []
-    mv = torch.mv
-    monkeypatch.setattr(torch, "mv", lambda *a: (onednn_during_mv.append(torch.backends.mkldnn.enabled), mv(*a))[1])
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
-    plain = copy.deepcopy(layer)
-    assert kernels.use_matvec_linears(layer) == 1 and type(layer) is kernels.MatvecLinear
-    assert layer.state_dict().keys() == plain.state_dict().keys()
-    for shape, one_row in (((1, 1, 64), True), ((64,), True), ((2, 3, 64), False)):
-        x = torch.randn(shape, dtype=torch.bfloat16)
-        out, expected = layer(x), plain(x)
-        assert out.shape == expected.shape
-        torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)  # bf16, other summation order
-        assert len(onednn_during_mv) == one_row
-        if one_row:
-            assert onednn_during_mv.pop() is amx
-        assert torch.backends.mkldnn.enabled  # switched back on
-    assert kernels.use_plain_linears(layer) == 1 and type(layer) is torch.nn.Linear
-
-
-def test_engine_swaps_linears_for_eager_decoding_only(tiny):
-    from openowl.infer.kernels import MatvecLinear
+def test_engine_puts_the_decode_kernels_in_for_eager_decoding_only(tiny):
+    from openowl.infer.kernels import ATTENTION, DecodeLinear
 
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
-    linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == 7 * model.language_model.config.num_hidden_layers + 1
+    lm = model.language_model
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 7 * lm.config.num_hidden_layers + 1
     Engine(model, tiny.processor)
-    assert all(type(m) is MatvecLinear for m in linears)
-    assert not any(isinstance(m, MatvecLinear) for m in model.vision_model.modules())
-    Engine(model, tiny.processor, compile=True)  # inductor's GEMMs are faster than torch.mv under torch.compile
-    assert all(type(m) is torch.nn.Linear for m in linears)
+    assert all(type(m) is DecodeLinear for m in linears) and lm.config._attn_implementation == ATTENTION
+    assert not any(isinstance(m, DecodeLinear) for m in model.vision_model.modules())
+    Engine(model, tiny.processor, compile=True)  # under torch.compile: inductor's GEMMs and PyTorch's attention
+    assert all(type(m) is torch.nn.Linear for m in linears) and lm.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openowl.infer.generate import decode_one_token, generate_tokens, static_cache
-from openowl.infer.kernels import is_tensor_subclass, use_matvec_linears, use_plain_linears
+from openowl.infer.kernels import is_tensor_subclass, use_decode_kernels, use_stock_kernels
 from openowl.infer.sampling import SamplingParams
 from openowl.model.owl import OwlForConditionalGeneration
 from openowl.processing import ImageInput, OwlProcessor, check_media_count
@@ -150,8 +150,8 @@ class Engine:
         eos = model.language_model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = frozenset(e for e in [processor.tokenizer.eos_token_id, *eos] if e is not None)
-        if model.device.type == "cpu":  # torch.mv is slower than inductor's own GEMMs under torch.compile
-            (use_plain_linears if compile else use_matvec_linears)(model.language_model)
+        if model.device.type == "cpu":  # under torch.compile, inductor's own GEMMs and PyTorch's attention
+            (use_stock_kernels if compile else use_decode_kernels)(model.language_model)
         self._decode = compiled_decode(model) if compile else decode_one_token
         self.compiled = compile
 

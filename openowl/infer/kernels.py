@@ -1,36 +1,74 @@
-"""Faster kernels for decoding, applied to a loaded model from outside (the model files stay plain PyTorch).
+"""Faster kernels for decoding on a CPU, applied to a loaded model from outside (the model files stay plain PyTorch).
 
-Decoding one sequence multiplies one row by each weight, once per token, so the speed at which that product reads
-the weights is the speed of decoding. On the CPU, PyTorch sends a bf16 `F.linear` or `torch.mv` to oneDNN, and how
-well oneDNN does with one row depends on the CPU. Over many bf16 weights larger than the cache, on the two 2-core
-machines this project ran on:
+A decoding step multiplies one row per sequence by every weight and attends one query per sequence to its KV
+cache, so its speed is the speed at which those products stream the weights and the cache from memory. How well
+PyTorch's own kernels do with so few rows depends on the CPU. Over many bf16 weights larger than the cache, on the
+two 2-core machines this project ran on (GB/s of weights read; `benchmarks/bench_kernels.py` measures them):
 
-- a Xeon with AMX: oneDNN's `torch.mv` 17 GB/s (about 80 % of the read bandwidth), its `F.linear` 13 GB/s;
-- an AMD EPYC without AMX (AVX-512 bf16): oneDNN's `F.linear` 14 GB/s, its `torch.mv` 9 GB/s, and PyTorch's own
-  vectorized `torch.mv` (oneDNN switched off) 23-24 GB/s (about 85 % of the read bandwidth; with 2 rows or more
-  oneDNN's GEMM is the faster one again).
+- a Xeon with AMX: oneDNN's `torch.mv` 17 (about 80 % of the read bandwidth), its `F.linear` 13; with 2 rows or
+  more, oneDNN's AMX GEMM.
+- an AMD EPYC with AVX-512 BF16 and no AMX: oneDNN's `F.linear` 14-19 with one row and 14-17 with eight,
+  PyTorch's own `torch.mv` 24-32 with one row, its GEMM 5 with eight. PyTorch's attention took 2.3 ms per layer
+  for 8 one-token queries, 8x the time to read their keys and values.
 
-So one-row products run as `torch.mv`: through oneDNN where the CPU has AMX, through PyTorch's kernel elsewhere.
+So, by CPU:
+
+- AVX-512 BF16 without AMX: `cpu_kernels.cpp`, built on first use (needs a C++ compiler, as `torch.compile` does;
+  about 10 s, then cached by PyTorch): a few-row product that streams each weight once for up to 8 rows, and a
+  one-query attention. Measured on the EPYC: about 90 % of the read bandwidth with one row, two thirds with
+  eight, and attention 4x faster than PyTorch's. In a decoding step, a row's products and attention get the same bits
+  alone and in a batch of up to 8 (left padding included). They have no backward: what autograd follows takes
+  PyTorch's kernels.
+- AMX: one-row products through oneDNN's `torch.mv`; other products and attention are PyTorch's.
+- Elsewhere (or where the kernels can't be built, or `OPENOWL_CPU_KERNELS=0`): one-row products through PyTorch's
+  own `torch.mv` (oneDNN switched off for the call); other products and attention are PyTorch's.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
 
-class MatvecLinear(nn.Linear):
-    """An `nn.Linear` whose one-row products on the CPU run as `matvec`; the same parameters and state dict."""
+MAX_ROWS = 8  # beyond one pass of the kernel's rows over the weight, oneDNN's GEMM is the faster
+ATTENTION = "openowl_decode"  # the name the one-query attention is registered under with transformers
+
+
+class DecodeLinear(nn.Linear):
+    """An `nn.Linear` whose few-row products on the CPU run on the decoding kernels; the same parameters and state
+    dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.numel() != x.shape[-1] or is_tensor_subclass(self.weight):
+        if x.device.type != "cpu" or is_tensor_subclass(self.weight) or _needs_grad(x, self.weight):
             return super().forward(x)
-        y = matvec(self.weight, x.reshape(-1))
+        rows = x.numel() // x.shape[-1]
+        if rows <= MAX_ROWS and fits_small_linear(self.weight, x):
+            y = torch.ops.openowl.small_linear(x.reshape(rows, -1).contiguous(), self.weight)
+        elif rows == 1:
+            y = matvec(self.weight, x.reshape(-1))
+        else:
+            return super().forward(x)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], -1)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """The kernels have no backward: anything autograd follows takes PyTorch's."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def fits_small_linear(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    return (
+        weight.dtype == x.dtype == torch.bfloat16 and weight.is_contiguous() and x.shape[-1] % 32 == 0
+        and cpu_kernels()
+    )  # fmt: skip
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -50,35 +88,119 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         torch.backends.mkldnn.enabled = enabled
 
 
-@functools.cache  # asked at every one-row product; the CPU doesn't change
+def decode_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: one-token queries on the kernel, everything else through SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (
+        query.shape[2] == 1 and query.device.type == "cpu" and not _needs_grad(query, key, value)
+        and query.dtype == key.dtype == value.dtype == torch.bfloat16 and query.shape[-1] % 32 == 0
+        and query.shape[-1] <= 256 and (attention_mask is None or _fits_mask(attention_mask, key))
+        and not any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "sliding_window", "sinks"))
+        and not kwargs.get("output_attentions") and cpu_kernels()
+    ):  # fmt: skip
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.ops.openowl.decode_attention(query, key, value, attention_mask, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _fits_mask(mask: torch.Tensor, key: torch.Tensor) -> bool:
+    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1) and mask.shape[3] == key.shape[2]
+
+
+@functools.cache
+def cpu_kernels() -> bool:
+    """Build (once per source version, cached by PyTorch) and load `cpu_kernels.cpp`. False where they don't apply:
+    a CPU without AVX-512 BF16 or with AMX, `OPENOWL_CPU_KERNELS=0`, or no working C++ compiler (logged)."""
+    if os.environ.get("OPENOWL_CPU_KERNELS", "1") == "0" or has_amx() or not has_avx512_bf16():
+        return False
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+    try:
+        load(
+            name="openowl_cpu_kernels", sources=[str(Path(__file__).with_name("cpu_kernels.cpp"))],
+            extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
+        )  # fmt: skip
+    except Exception as e:  # no compiler, no headers: PyTorch's kernels still work
+        logger.warning("openowl's CPU decoding kernels could not be built, PyTorch's kernels run instead: %s", e)
+        return False
+    return True
+
+
+def kernel_choice() -> str:
+    """Which kernels the eager engine decodes with on this CPU, in words."""
+    if cpu_kernels():
+        return "openowl's AVX-512 BF16 kernels (few-row products, one-query attention)"
+    if has_amx():
+        return "oneDNN torch.mv for one row (AMX); PyTorch's GEMM and attention"
+    return "PyTorch torch.mv for one row; PyTorch's GEMM and attention"
+
+
+@functools.cache  # the CPU doesn't change
 def has_amx() -> bool:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(amx is not None and amx())
 
 
-def use_matvec_linears(module: nn.Module) -> int:
-    """Turn every bf16 / fp16 `nn.Linear` under `module` into a `MatvecLinear`, in place. Returns how many.
+@functools.cache
+def has_avx512_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+def use_decode_kernels(lm: nn.Module) -> int:
+    """Put the decoding kernels into a language model, in place: every bf16 / fp16 `nn.Linear` becomes a
+    `DecodeLinear`, and an SDPA model's attention goes through `decode_attention`. Returns how many Linears.
 
     Only plain `nn.Linear` modules with half-precision weights change (float32 `F.linear` already runs at full
     bandwidth, and quantized or LoRA layers have kernels of their own).
     """
     count = 0
-    for m in module.modules():
+    for m in lm.modules():
         half = type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16)
         if half and not is_tensor_subclass(m.weight):
-            m.__class__ = MatvecLinear
+            m.__class__ = DecodeLinear
             count += 1
+    if _attention(lm) == "sdpa" and lm._can_set_attn_implementation():
+        _register_attention()
+        lm.set_attn_implementation(ATTENTION)
     return count
 
 
-def use_plain_linears(module: nn.Module) -> int:
-    """Undo `use_matvec_linears` (e.g. to time the stock kernels in the same process). Returns how many."""
+def use_stock_kernels(lm: nn.Module) -> int:
+    """Undo `use_decode_kernels` (e.g. to time the stock kernels in the same process). Returns how many Linears."""
     count = 0
-    for m in module.modules():
-        if type(m) is MatvecLinear:
+    for m in lm.modules():
+        if type(m) is DecodeLinear:
             m.__class__ = nn.Linear
             count += 1
+    if _attention(lm) == ATTENTION:
+        lm.set_attn_implementation("sdpa")
     return count
+
+
+def _attention(lm: nn.Module) -> str | None:
+    """A transformers model's attention implementation (None for other modules)."""
+    return getattr(getattr(lm, "config", None), "_attn_implementation", None)
+
+
+@functools.cache
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, decode_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def is_tensor_subclass(weight: torch.Tensor) -> bool:

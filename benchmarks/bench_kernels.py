@@ -1,0 +1,90 @@
+"""CPU decoding kernels against PyTorch's, in GB/s of weights (or KV cache) read: the figures behind the kernel
+choice in `openowl/infer/kernels.py`.
+
+    python benchmarks/bench_kernels.py
+
+Over bf16 weights of the `llama-1b` LM's shapes (2048 x 2048, 5632 x 2048, 2048 x 5632; 24 of them, 440 MB, more
+than the caches hold), rows = sequences in a decoding batch: openowl's `small_linear` (where this CPU has it),
+oneDNN's `F.linear`, and with one row PyTorch's `torch.mv` with oneDNN off. Then one-token attention for 8 rows
+x 32 heads x 64 against 150 cached positions, 22 layers: openowl's kernel against SDPA. Kernels take turns in each
+of `--rounds` rounds; medians. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from openowl.infer.kernels import cpu_kernels, kernel_choice, matvec
+
+
+def read_bandwidth() -> float:
+    x = torch.ones(256 * 1024 * 1024)  # 1 GiB of float32
+    x.sum()
+    return x.numel() * 4 / min(_time(lambda: x.sum()) for _ in range(5)) / 1e9
+
+
+def _time(fn: Callable) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rows", default="1,2,4,8")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shapes = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]
+    weights = [torch.randn(s, dtype=torch.bfloat16) / 50 for _ in range(4) for s in shapes][:24]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+
+    kernels: dict[str, Callable] = {"oneDNN F.linear": lambda w, x: F.linear(x, w)}
+    if cpu_kernels():
+        kernels["openowl small_linear"] = lambda w, x: torch.ops.openowl.small_linear(x, w)
+    one_row = {"PyTorch / oneDNN torch.mv (kernels.matvec)": lambda w, x: matvec(w, x[0])}
+    result: dict = {"kernels": kernel_choice(), "read_gbps": read_bandwidth(), "weights_mb": nbytes / 1e6, "gbps": {}}
+    for rows in map(int, args.rows.split(",")):
+        inputs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in {w.shape[1] for w in weights}}
+        candidates = {**kernels, **(one_row if rows == 1 else {})}
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        for _ in range(args.rounds):
+            for name, fn in candidates.items():
+                times[name].append(_time(lambda fn=fn, x=inputs: [fn(w, x[w.shape[1]]) for w in weights]))
+        result["gbps"][rows] = {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
+
+    batch, heads, dim, length, layers = 8, 32, 64, 150, 22
+    caches = [torch.randn(2, batch, heads, 256, dim, dtype=torch.bfloat16) for _ in range(layers)]
+    q = torch.randn(batch, heads, 1, dim, dtype=torch.bfloat16)
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    attention = {"SDPA": lambda k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+    if cpu_kernels():
+        attention["openowl decode_attention"] = lambda k, v: torch.ops.openowl.decode_attention(q, k, v, mask, 0.125)
+    times = {name: [] for name in attention}
+    for _ in range(args.rounds):
+        for name, fn in attention.items():
+            times[name].append(_time(lambda fn=fn: [fn(c[0, :, :, :length], c[1, :, :, :length]) for c in caches]))
+    kv_bytes = 2 * batch * heads * length * dim * 2
+    result["attention_ms_per_layer"] = {name: statistics.median(t) / layers * 1e3 for name, t in times.items()}
+    result["attention_kv_gbps"] = {
+        name: kv_bytes / ms * 1e3 / 1e9 for name, ms in result["attention_ms_per_layer"].items()
+    }
+
+    print(f"kernels: {result['kernels']}; read bandwidth {result['read_gbps']:.1f} GB/s")
+    for rows, by_kernel in result["gbps"].items():
+        for name, gbps in by_kernel.items():
+            print(f"{rows} row{'s' if rows > 1 else ' '}  {name:<45} {gbps:6.1f} GB/s")
+    for name, ms in result["attention_ms_per_layer"].items():
+        print(f"attention, {batch} rows  {name:<36} {ms:6.3f} ms/layer ({result['attention_kv_gbps'][name]:.1f} GB/s)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

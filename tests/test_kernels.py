@@ -1,0 +1,216 @@
+"""The CPU decoding kernels (`openowl/infer/kernels.py`, `openowl/infer/cpu_kernels.cpp`): what they compute against
+PyTorch's kernels, the same bits for a row alone and in a batch, when each kernel runs, and the fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openowl import OwlForConditionalGeneration
+from openowl.config import get_preset
+from openowl.infer import kernels
+from openowl.infer.generate import forward_step, new_cache, prefill
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.cpu_kernels(), reason="the kernels need a CPU with AVX-512 BF16 and no AMX, and a C++ compiler"
+)
+
+
+def _ops(fn) -> list[str]:
+    """The `openowl::` ops that `fn()` ran."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sorted({e.key for e in prof.key_averages() if e.key.startswith("openowl::")})
+
+
+def _attention_reference(q, k, v, mask):
+    """SDPA in float32, keys and values repeated for grouped heads, in the kernel's (B, 1, H, D) layout."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(group, dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask).transpose(1, 2)
+
+
+# --- what they compute ---------------------------------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize(("n", "k"), [(50, 64), (48, 160), (7, 32), (2048, 2048)])
+def test_small_linear_computes_the_product(n, k):
+    """Every row count of one pass (1-8) and of two (9-16), every weight-row tail, against float32."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k, dtype=torch.bfloat16) / k**0.5
+    for rows in (*range(1, 10), 16):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        expected = F.linear(x.float(), w.float())
+        out = torch.ops.openowl.small_linear(x, w)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+        # bf16 output: about 3 significant digits; PyTorch's own bf16 product is held to the same
+        torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(F.linear(x, w).float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+def test_small_linear_gives_a_row_the_same_bits_alone_and_in_a_batch():
+    torch.manual_seed(0)
+    w = torch.randn(101, 96, dtype=torch.bfloat16)
+    x = torch.randn(8, 96, dtype=torch.bfloat16)
+    full = torch.ops.openowl.small_linear(x, w)
+    for rows in (1, 3, 5):
+        for start in range(8 - rows + 1):
+            part = torch.ops.openowl.small_linear(x[start : start + rows].contiguous(), w)
+            assert torch.equal(part, full[start : start + rows])
+
+
+@needs_kernels
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 4, 64), (4, 2, 32), (8, 1, 128)])
+def test_decode_attention_computes_sdpa(heads, kv_heads, dim):
+    """Keys and values as views of a longer cache buffer, grouped heads, a left-padded row, a fully masked row."""
+    torch.manual_seed(0)
+    batch, length = 3, 13
+    q = torch.randn(batch, heads, 1, dim, dtype=torch.bfloat16)
+    buffers = [torch.randn(batch, kv_heads, 20, dim, dtype=torch.bfloat16) for _ in range(2)]
+    k, v = (b[:, :, :length] for b in buffers)  # strided, as the KV cache hands them over
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :4] = False
+    scale = dim**-0.5
+    for m in (mask, None, mask[:1]):
+        out = torch.ops.openowl.decode_attention(q, k, v, m, scale)
+        assert out.shape == (batch, 1, heads, dim)
+        torch.testing.assert_close(out.float(), _attention_reference(q, k, v, m), rtol=1e-2, atol=1e-2)
+    mask[2] = False  # no key at all: zeros, not NaN
+    assert torch.equal(torch.ops.openowl.decode_attention(q, k, v, mask, scale)[2], torch.zeros(1, heads, dim))
+
+
+@needs_kernels
+def test_decode_attention_gives_a_row_the_same_bits_alone_and_in_a_padded_batch():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 9, 64, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :3] = False  # row 1 is left-padded by 3
+    both = torch.ops.openowl.decode_attention(q, k, v, mask, 0.125)
+    alone = torch.ops.openowl.decode_attention(q[1:], k[1:, :, 3:], v[1:, :, 3:], None, 0.125)
+    assert torch.equal(both[1:], alone)
+
+
+# --- when each runs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@torch.no_grad()  # as the engine decodes
+def test_one_row_products_without_the_kernels_run_as_torch_mv(monkeypatch, amx):
+    """Where the kernels don't apply, one-row products run as `torch.mv`, through oneDNN only where the CPU has AMX,
+    and give `F.linear`'s result; other shapes are `F.linear`'s own."""
+    monkeypatch.setattr(kernels, "has_amx", lambda: amx)
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: False)
+    onednn_during_mv = []
+    mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a: (onednn_during_mv.append(torch.backends.mkldnn.enabled), mv(*a))[1])
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
+    plain = copy.deepcopy(layer)
+    assert kernels.use_decode_kernels(layer) == 1 and type(layer) is kernels.DecodeLinear
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+    for shape, one_row in (((1, 1, 64), True), ((64,), True), ((2, 3, 64), False)):
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        out, expected = layer(x), plain(x)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)  # bf16, other summation order
+        assert len(onednn_during_mv) == one_row
+        if one_row:
+            assert onednn_during_mv.pop() is amx
+        assert torch.backends.mkldnn.enabled  # switched back on
+    assert kernels.use_stock_kernels(layer) == 1 and type(layer) is torch.nn.Linear
+
+
+@needs_kernels
+def test_decode_linear_runs_the_kernel_for_up_to_eight_bf16_rows():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
+    plain = copy.deepcopy(layer)
+    kernels.use_decode_kernels(layer)
+    for shape, kernel in (((1, 1, 64), True), ((8, 1, 64), True), ((3, 3, 64), False), ((2, 64), True)):
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        with torch.no_grad():  # as the engine decodes
+            assert _ops(lambda x=x: layer(x)) == (["openowl::small_linear"] if kernel else [])
+            torch.testing.assert_close(layer(x).float(), plain(x).float(), rtol=2e-2, atol=2e-2)  # with the bias
+    x = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)  # the kernel has no backward: PyTorch's runs
+    assert _ops(lambda: layer(x).sum().backward()) == [] and x.grad is not None
+    odd = torch.nn.Linear(40, 8, dtype=torch.bfloat16)  # an inner size that isn't a multiple of 32
+    half = torch.nn.Linear(64, 8, dtype=torch.float16)
+    for layer in (odd, half):
+        kernels.use_decode_kernels(layer)
+        layer.requires_grad_(False)
+        assert _ops(lambda layer=layer: layer(torch.randn(1, layer.in_features, dtype=layer.weight.dtype))) == []
+
+
+def test_kernels_fall_back_when_they_cannot_be_built(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(kernels, "has_amx", lambda: False)
+    monkeypatch.setattr(kernels, "has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    try:
+        kernels.cpu_kernels.cache_clear()
+        with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+            assert kernels.cpu_kernels() is False
+        assert "could not be built" in caplog.text and "no C++ compiler found" in caplog.text
+        kernels.cpu_kernels.cache_clear()
+        monkeypatch.setenv("OPENOWL_CPU_KERNELS", "0")
+        assert kernels.cpu_kernels() is False
+    finally:
+        kernels.cpu_kernels.cache_clear()  # the next caller builds (or finds) the real ones
+
+
+# --- in a model ----------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_decoding_with_the_kernels_is_as_close_to_float32_as_pytorchs_bf16():
+    """A LLaMA with kernel-sized heads (32) and grouped keys, in bf16: a left-padded batch decoded with the kernels
+    (both of them running) against each row's full float32 forward, next to the same decode on PyTorch's kernels."""
+    torch.manual_seed(0)
+    config = get_preset("tiny")
+    config.text_config.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    reference = OwlForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in reference.language_model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+    model = copy.deepcopy(reference).to(torch.bfloat16)
+    prompts = [[1, 450, 4799, 338, 7254, 29889, 306, 1074], [1, 15043, 29991]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    continuation = torch.tensor([[1576, 3186, 13, 8015], [263, 1243, 29901, 2]])
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():
+            cache = new_cache(model)
+            logits, mask = prefill(model, ids, attention_mask, cache)
+            steps = [logits]
+            for t in range(continuation.shape[1]):
+                mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+                steps.append(forward_step(model, model.embed_text(continuation[:, t : t + 1]), mask, cache))
+        return torch.stack(steps, dim=1).float()
+
+    stock = decode()
+    assert kernels.use_decode_kernels(model.language_model) == 7 * 2 + 1
+    assert model.language_model.config._attn_implementation == kernels.ATTENTION
+    ours = []
+    assert _ops(lambda: ours.append(decode())) == ["openowl::decode_attention", "openowl::small_linear"]
+    for row, prompt in enumerate(prompts):
+        full_ids = torch.tensor([prompt + continuation[row].tolist()])
+        with torch.no_grad():
+            wanted = reference(inputs_embeds=reference.embed_inputs(full_ids)).logits[0, len(prompt) - 1 :]
+        stock_error = (stock[row] - wanted).abs().max()
+        assert (ours[0][row] - wanted).abs().max() <= 1.5 * stock_error + 1e-3
+    assert kernels.use_stock_kernels(model.language_model) == 7 * 2 + 1
+    assert model.language_model.config._attn_implementation == "sdpa"
