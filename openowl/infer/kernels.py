@@ -160,7 +160,8 @@ def has_avx512_bf16() -> bool:
 
 def use_decode_kernels(lm: nn.Module) -> int:
     """Put the decoding kernels into a language model, in place: every bf16 / fp16 `nn.Linear` becomes a
-    `DecodeLinear`, and an SDPA model's attention goes through `decode_attention`. Returns how many Linears.
+    `DecodeLinear`, and a bf16 SDPA model's attention goes through `decode_attention` where the kernels run (this
+    builds them). Returns how many Linears.
 
     Only plain `nn.Linear` modules with half-precision weights change (float32 `F.linear` already runs at full
     bandwidth, and quantized or LoRA layers have kernels of their own).
@@ -171,7 +172,8 @@ def use_decode_kernels(lm: nn.Module) -> int:
         if half and not is_tensor_subclass(m.weight):
             m.__class__ = DecodeLinear
             count += 1
-    if _attention(lm) == "sdpa" and lm._can_set_attn_implementation():
+    bf16 = any(p.dtype == torch.bfloat16 for p in lm.parameters())
+    if _attention(lm) == "sdpa" and lm._can_set_attn_implementation() and bf16 and cpu_kernels():
         _register_attention()
         lm.set_attn_implementation(ATTENTION)
     return count
