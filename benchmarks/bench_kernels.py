@@ -5,9 +5,10 @@ choice in `openowl/infer/kernels.py`.
 
 Over bf16 weights of the `llama-1b` LM's shapes (2048 x 2048, 5632 x 2048, 2048 x 5632; 24 of them, 440 MB, more
 than the caches hold), rows = sequences in a decoding batch: openowl's `small_linear` (where this CPU has it),
-oneDNN's `F.linear`, and with one row PyTorch's `torch.mv` with oneDNN off. Then one-token attention for 8 rows
-x 32 heads x 64 against 150 cached positions, 22 layers: openowl's kernel against SDPA. Kernels take turns in each
-of `--rounds` rounds; medians. Prints a table and one JSON line.
+oneDNN's `F.linear`, and with one row the engine's fallback (`kernels.matvec`); the same shapes in int8 with a scale
+per output feature: openowl's `small_linear_int8` against PyTorch's `_weight_int8pack_mm`. Then one-token attention
+for 8 rows x 32 heads x 64 against 150 cached positions, 22 layers: openowl's kernel against SDPA. Kernels take
+turns in each of `--rounds` rounds; medians. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ def _time(fn: Callable) -> float:
     return time.perf_counter() - start
 
 
+def time_products(weights: list[tuple], rows: list[int], rounds: int, kernels: Callable) -> dict:
+    """{rows: {kernel: GB/s of weights read}}, each kernel `fn(x, *weight)` over every weight in turn."""
+    nbytes = sum(t.numel() * t.element_size() for weight in weights for t in weight)
+    gbps = {}
+    for n in rows:
+        inputs = {w[0].shape[1]: torch.randn(n, w[0].shape[1], dtype=torch.bfloat16) for w in weights}
+        times: dict[str, list[float]] = {name: [] for name in kernels(n)}
+        for _ in range(rounds):
+            for name, fn in kernels(n).items():
+                times[name].append(_time(lambda fn=fn, x=inputs: [fn(x[w[0].shape[1]], *w) for w in weights]))
+        gbps[n] = {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
+    return gbps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -43,22 +58,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     shapes = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]
-    weights = [torch.randn(s, dtype=torch.bfloat16) / 50 for _ in range(4) for s in shapes][:24]
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    shapes = [s for _ in range(4) for s in shapes][:24]
+    rows = [int(r) for r in args.rows.split(",")]
+    result: dict = {"kernels": kernel_choice(), "read_gbps": read_bandwidth()}
 
-    kernels: dict[str, Callable] = {"oneDNN F.linear": lambda w, x: F.linear(x, w)}
+    bf16 = [(torch.randn(s, dtype=torch.bfloat16) / 50,) for s in shapes]
+    kernels: dict[str, Callable] = {"oneDNN F.linear": lambda x, w: F.linear(x, w)}
     if cpu_kernels():
-        kernels["openowl small_linear"] = lambda w, x: torch.ops.openowl.small_linear(x, w)
-    one_row = {"PyTorch / oneDNN torch.mv (kernels.matvec)": lambda w, x: matvec(w, x[0])}
-    result: dict = {"kernels": kernel_choice(), "read_gbps": read_bandwidth(), "weights_mb": nbytes / 1e6, "gbps": {}}
-    for rows in map(int, args.rows.split(",")):
-        inputs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in {w.shape[1] for w in weights}}
-        candidates = {**kernels, **(one_row if rows == 1 else {})}
-        times: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(args.rounds):
-            for name, fn in candidates.items():
-                times[name].append(_time(lambda fn=fn, x=inputs: [fn(w, x[w.shape[1]]) for w in weights]))
-        result["gbps"][rows] = {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
+        kernels["openowl small_linear"] = torch.ops.openowl.small_linear
+    one_row = {"PyTorch / oneDNN torch.mv (kernels.matvec)": lambda x, w: matvec(w, x[0])}
+    result["gbps"] = time_products(bf16, rows, args.rounds, lambda n: {**kernels, **(one_row if n == 1 else {})})
+    int8 = [(torch.randint(-127, 128, s, dtype=torch.int8), torch.rand(s[0]).bfloat16() / 100) for s in shapes]
+    kernels = {"PyTorch _weight_int8pack_mm": torch._weight_int8pack_mm}
+    if cpu_kernels():
+        kernels["openowl small_linear_int8"] = torch.ops.openowl.small_linear_int8
+    result["int8_gbps"] = time_products(int8, rows, args.rounds, lambda n: kernels)
 
     batch, heads, dim, length, layers = 8, 32, 64, 150, 22
     caches = [torch.randn(2, batch, heads, 256, dim, dtype=torch.bfloat16) for _ in range(layers)]
@@ -78,9 +92,10 @@ def main() -> None:
     }
 
     print(f"kernels: {result['kernels']}; read bandwidth {result['read_gbps']:.1f} GB/s")
-    for rows, by_kernel in result["gbps"].items():
-        for name, gbps in by_kernel.items():
-            print(f"{rows} row{'s' if rows > 1 else ' '}  {name:<45} {gbps:6.1f} GB/s")
+    for dtype, key in (("bf16", "gbps"), ("int8", "int8_gbps")):
+        for n, by_kernel in result[key].items():
+            for name, gbps in by_kernel.items():
+                print(f"{dtype}, {n} row{'s' if n > 1 else ' '}  {name:<45} {gbps:6.1f} GB/s")
     for name, ms in result["attention_ms_per_layer"].items():
         print(f"attention, {batch} rows  {name:<36} {ms:6.3f} ms/layer ({result['attention_kv_gbps'][name]:.1f} GB/s)")
     print(json.dumps(result))

@@ -54,15 +54,35 @@ def test_small_linear_computes_the_product(n, k):
 
 
 @needs_kernels
-def test_small_linear_gives_a_row_the_same_bits_alone_and_in_a_batch():
+@pytest.mark.parametrize(("n", "k"), [(50, 64), (7, 32), (2048, 2048)])
+def test_small_linear_int8_computes_the_scaled_product(n, k):
+    """Weight-only int8 (`quantize`'s layout): x @ w^T * scale, against float32 and against PyTorch's int8 kernel."""
     torch.manual_seed(0)
-    w = torch.randn(101, 96, dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n) / k**0.5 / 50).to(torch.bfloat16)
+    for rows in (*range(1, 10), 16):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        expected = F.linear(x.float(), w.float()) * scale.float()
+        out = torch.ops.openowl.small_linear_int8(x, w, scale)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+        torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(torch._weight_int8pack_mm(x, w, scale).float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("int8", [False, True])
+def test_small_linear_gives_a_row_the_same_bits_alone_and_in_a_batch(int8):
+    torch.manual_seed(0)
+    if int8:
+        op, weights = torch.ops.openowl.small_linear_int8, (torch.randint(-127, 128, (101, 96), dtype=torch.int8),)
+        weights += (torch.rand(101).to(torch.bfloat16),)  # the scales
+    else:
+        op, weights = torch.ops.openowl.small_linear, (torch.randn(101, 96, dtype=torch.bfloat16),)
     x = torch.randn(8, 96, dtype=torch.bfloat16)
-    full = torch.ops.openowl.small_linear(x, w)
+    full = op(x, *weights)
     for rows in (1, 3, 5):
         for start in range(8 - rows + 1):
-            part = torch.ops.openowl.small_linear(x[start : start + rows].contiguous(), w)
-            assert torch.equal(part, full[start : start + rows])
+            assert torch.equal(op(x[start : start + rows].contiguous(), *weights), full[start : start + rows])
 
 
 @needs_kernels
@@ -146,6 +166,21 @@ def test_decode_linear_runs_the_kernel_for_up_to_eight_bf16_rows():
         kernels.use_decode_kernels(layer)
         layer.requires_grad_(False)
         assert _ops(lambda layer=layer: layer(torch.randn(1, layer.in_features, dtype=layer.weight.dtype))) == []
+
+
+@needs_kernels
+@torch.no_grad()
+def test_int8_linear_runs_the_kernel_for_up_to_eight_bf16_rows():
+    from openowl.infer.quantize import Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    layer = Int8WeightOnlyLinear(weight, (torch.rand(48) / 100).to(torch.bfloat16), torch.randn(48).bfloat16())
+    for rows, kernel in ((1, True), (8, True), (9, False), (40, False)):
+        x = torch.randn(rows, 1, 64, dtype=torch.bfloat16)
+        assert _ops(lambda x=x: layer(x)) == (["openowl::small_linear_int8"] if kernel else [])
+        expected = torch._weight_int8pack_mm(x.reshape(rows, 64), weight, layer.scale).view(rows, 1, 48) + layer.bias
+        torch.testing.assert_close(layer(x).float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_kernels_fall_back_when_they_cannot_be_built(monkeypatch, caplog):

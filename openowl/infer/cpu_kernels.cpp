@@ -8,6 +8,7 @@
 //
 // openowl::small_linear(x, w): (M, K) @ (N, K)^T for a few rows; each output is the same sum whatever M is (a row
 //     decoded alone and in a batch gets the same bits).
+// openowl::small_linear_int8(x, w, scale): the same with int8 weights and one scale per output (weight-only int8).
 // openowl::decode_attention(q, k, v, mask, scale): one query per (sequence, head) against its keys and values.
 
 #include <ATen/ATen.h>
@@ -31,15 +32,25 @@ constexpr int64_t kMaxRows = 8;             // rows per pass over the weight
 
 inline __m512bh load_bf16(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
+// 32 weights as bf16: bf16 weights as they are; int8 weights converted exactly (every int8 is a bf16).
+inline __m512bh load_weights(const bf16* p) { return load_bf16(p); }
+
+inline __m512bh load_weights(const int8_t* p) {
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
 inline __m512 widen(const bf16* p) {  // 16 bf16 -> 16 fp32
   __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
 }
 
-// out[m, n] = sum_k x[m, k] * w[n, k] for the M rows of x and the weight rows [n0, n1), R weight rows at a time:
-// R * M fp32 accumulators, each fed 32 products per instruction, summed once at the end.
-template <int M, int R>
-void rows_times_weight(const bf16* x, const bf16* w, bf16* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+// out[m, n] = scale[n] * sum_k x[m, k] * w[n, k] for the M rows of x and the weight rows [n0, n1) (no scale: 1),
+// R weight rows at a time: R * M fp32 accumulators, each fed 32 products per instruction, summed once at the end.
+template <int M, int R, typename W>
+void rows_times_weight(const bf16* x, const W* w, const bf16* scale, bf16* out, int64_t K, int64_t N, int64_t n0,
+                       int64_t n1) {
   for (int64_t n = n0; n < n1; n += R) {
     __m512 acc[R][M];
     for (int r = 0; r < R; ++r)
@@ -47,58 +58,80 @@ void rows_times_weight(const bf16* x, const bf16* w, bf16* out, int64_t K, int64
     for (int64_t k = 0; k < K; k += kLanes) {
       __m512bh wv[R];
       for (int r = 0; r < R; ++r) {
-        const bf16* row = w + (n + r) * K + k;
+        const W* row = w + (n + r) * K + k;
         _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchAhead), _MM_HINT_T1);
-        wv[r] = load_bf16(row);
+        wv[r] = load_weights(row);
       }
       for (int m = 0; m < M; ++m) {
         __m512bh xv = load_bf16(x + m * K + k);
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) out[m * N + n + r] = bf16(_mm512_reduce_add_ps(acc[r][m]));
+    for (int r = 0; r < R; ++r) {
+      const float s = scale ? static_cast<float>(scale[n + r]) : 1.f;
+      for (int m = 0; m < M; ++m) out[m * N + n + r] = bf16(_mm512_reduce_add_ps(acc[r][m]) * s);
+    }
   }
 }
 
-template <int M>
-void small_linear_pass(const bf16* x, const bf16* w, bf16* out, int64_t K, int64_t N) {
+template <int M, typename W>
+void small_linear_pass(const bf16* x, const W* w, const bf16* scale, bf16* out, int64_t K, int64_t N) {
   constexpr int R = M <= 4 ? 4 : 3;  // as many weight rows as the 32 registers allow beside the accumulators
   const int64_t blocks = N / R;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    rows_times_weight<M, R>(x, w, out, K, N, b0 * R, b1 * R);
+    rows_times_weight<M, R>(x, w, scale, out, K, N, b0 * R, b1 * R);
   });
-  for (int64_t n = blocks * R; n < N; ++n) rows_times_weight<M, 1>(x, w, out, K, N, n, n + 1);
+  for (int64_t n = blocks * R; n < N; ++n) rows_times_weight<M, 1>(x, w, scale, out, K, N, n, n + 1);
+}
+
+template <typename W>
+void small_linear_passes(const at::Tensor& x, const W* w, const bf16* scale, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const bf16* xp = x.data_ptr<bf16>() + m0 * K;
+    bf16* op = out.data_ptr<bf16>() + m0 * N;
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: small_linear_pass<1>(xp, w, scale, op, K, N); break;
+      case 2: small_linear_pass<2>(xp, w, scale, op, K, N); break;
+      case 3: small_linear_pass<3>(xp, w, scale, op, K, N); break;
+      case 4: small_linear_pass<4>(xp, w, scale, op, K, N); break;
+      case 5: small_linear_pass<5>(xp, w, scale, op, K, N); break;
+      case 6: small_linear_pass<6>(xp, w, scale, op, K, N); break;
+      case 7: small_linear_pass<7>(xp, w, scale, op, K, N); break;
+      default: small_linear_pass<8>(xp, w, scale, op, K, N); break;
+    }
+  }
 }
 
 void check_cpu() {
   TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "openowl's CPU kernels need AVX-512 BF16, which this CPU lacks");
 }
 
-at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w) {
+void check_small_linear(const at::Tensor& x, const at::Tensor& w) {
   check_cpu();
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "small_linear: expected (M, K) and (N, K), got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "small_linear: bf16 only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "small_linear: bf16 inputs only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "small_linear: contiguous tensors only");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % kLanes == 0, "small_linear: the inner size must be a multiple of 32, got ", K);
-  at::Tensor out = at::empty({M, N}, x.options());
-  const bf16* wp = w.data_ptr<bf16>();
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const bf16* xp = x.data_ptr<bf16>() + m0 * K;
-    bf16* op = out.data_ptr<bf16>() + m0 * N;
-    switch (std::min(kMaxRows, M - m0)) {
-      case 1: small_linear_pass<1>(xp, wp, op, K, N); break;
-      case 2: small_linear_pass<2>(xp, wp, op, K, N); break;
-      case 3: small_linear_pass<3>(xp, wp, op, K, N); break;
-      case 4: small_linear_pass<4>(xp, wp, op, K, N); break;
-      case 5: small_linear_pass<5>(xp, wp, op, K, N); break;
-      case 6: small_linear_pass<6>(xp, wp, op, K, N); break;
-      case 7: small_linear_pass<7>(xp, wp, op, K, N); break;
-      default: small_linear_pass<8>(xp, wp, op, K, N); break;
-    }
-  }
+  TORCH_CHECK(x.size(1) % kLanes == 0, "small_linear: the inner size must be a multiple of 32, got ", x.size(1));
+}
+
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w) {
+  check_small_linear(x, w);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "small_linear: bf16 weights only");
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  small_linear_passes(x, w.data_ptr<bf16>(), nullptr, out);
+  return out;
+}
+
+// Weight-only int8: x @ w^T * scale, one bf16 scale per output feature.
+at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  check_small_linear(x, w);
+  TORCH_CHECK(w.scalar_type() == at::kChar, "small_linear_int8: int8 weights only");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0) && scale.is_contiguous(),
+              "small_linear_int8: one contiguous bf16 scale per output feature");
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  small_linear_passes(x, w.data_ptr<int8_t>(), scale.data_ptr<bf16>(), out);
   return out;
 }
 
@@ -181,10 +214,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(openowl, m) {
   m.def("small_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("small_linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openowl, CPU, m) {
   m.impl("small_linear", small_linear);
+  m.impl("small_linear_int8", small_linear_int8);
   m.impl("decode_attention", decode_attention);
 }

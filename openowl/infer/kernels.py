@@ -14,11 +14,12 @@ two 2-core machines this project ran on (GB/s of weights read; `benchmarks/bench
 So, by CPU:
 
 - AVX-512 BF16 without AMX: `cpu_kernels.cpp`, built on first use (needs a C++ compiler, as `torch.compile` does;
-  about 10 s, then cached by PyTorch): a few-row product that streams each weight once for up to 8 rows, and a
-  one-query attention. Measured on the EPYC: about 90 % of the read bandwidth with one row, two thirds with
-  eight, and attention 4x faster than PyTorch's. In a decoding step, a row's products and attention get the same bits
-  alone and in a batch of up to 8 (left padding included). They have no backward: what autograd follows takes
-  PyTorch's kernels.
+  about 10 s, then cached by PyTorch): a few-row product that streams each weight once for up to 8 rows (bf16
+  weights, and int8 ones with a scale per output feature for `quantize`'s int8), and a one-query attention.
+  Measured on the EPYC (bf16): about 90 % of the read bandwidth with one row, two thirds with eight, and attention
+  4x faster than PyTorch's; int8 weights 1.5-2x PyTorch's int8 kernel with one row, about 3x with eight. In a
+  decoding step, a row's products and attention get the same bits alone and in a batch of up to 8 (left padding
+  included). They have no backward: what autograd follows takes PyTorch's kernels.
 - AMX: one-row products through oneDNN's `torch.mv`; other products and attention are PyTorch's.
 - Elsewhere (or where the kernels can't be built, or `OPENOWL_CPU_KERNELS=0`): one-row products through PyTorch's
   own `torch.mv` (oneDNN switched off for the call); other products and attention are PyTorch's.
@@ -46,7 +47,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or is_tensor_subclass(self.weight) or _needs_grad(x, self.weight):
-            return super().forward(x)
+            return super().forward(x)  # (DecodeLinears only exist outside torch.compile: `Engine`)
         rows = x.numel() // x.shape[-1]
         if rows <= MAX_ROWS and fits_small_linear(self.weight, x):
             y = torch.ops.openowl.small_linear(x.reshape(rows, -1).contiguous(), self.weight)
@@ -65,8 +66,11 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def fits_small_linear(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """`small_linear` (bf16 weights) or `small_linear_int8` can take these: bf16 rows, an inner size that is a
+    multiple of 32, nothing for autograd or `torch.compile` to follow, and kernels on this CPU."""
     return (
-        weight.dtype == x.dtype == torch.bfloat16 and weight.is_contiguous() and x.shape[-1] % 32 == 0
+        x.dtype == torch.bfloat16 and weight.dtype in (torch.bfloat16, torch.int8) and weight.is_contiguous()
+        and x.shape[-1] % 32 == 0 and not _needs_grad(x, weight) and not torch.compiler.is_compiling()
         and cpu_kernels()
     )  # fmt: skip
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openowl.infer.kernels import MAX_ROWS, fits_small_linear
 from openowl.model.owl import OwlForConditionalGeneration
 
 MODES = ("int8", "int4")
@@ -75,9 +76,11 @@ def quantize(
 class Int8WeightOnlyLinear(nn.Module):
     """A Linear with int8 weights and one scale per output feature, held as plain tensors (for the CPU).
 
-    A few rows at a time run PyTorch's int8 kernel (`_weight_int8pack_mm`: 3x the decoding speed of torchao's
-    eager path, which dequantizes every weight at every call); more rows dequantize the weight and use the float
-    GEMM. Under `torch.compile` with frozen weights, inductor rewrites both into its own pre-packed int8 GEMM.
+    Up to 8 bf16 rows run openowl's int8 kernel where the CPU has it (`kernels.py`: 1.5-2x PyTorch's speed
+    with one row, about 3x with eight). Otherwise, up to 16 rows run PyTorch's int8 kernel (`_weight_int8pack_mm`:
+    3x the decoding speed of torchao's eager path, which dequantizes every weight at every call); more rows
+    dequantize the weight and use the float GEMM. Under `torch.compile` with frozen weights, inductor rewrites both
+    of PyTorch's paths into its own pre-packed int8 GEMM.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -89,10 +92,12 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= 16 and x.device.type == "cpu":
-            y = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale)
-        else:
+        if x.device.type != "cpu" or rows.shape[0] > 16:
             y = F.linear(rows, self.weight.to(x.dtype)) * self.scale
+        elif rows.shape[0] <= MAX_ROWS and self.scale.dtype == x.dtype and fits_small_linear(self.weight, x):
+            y = torch.ops.openowl.small_linear_int8(rows.contiguous(), self.weight, self.scale)
+        else:
+            y = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
