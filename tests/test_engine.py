@@ -709,6 +709,7 @@ def test_engine_puts_the_decode_kernels_in_for_eager_decoding_only(tiny):
     assert not any(isinstance(m, DecodeLinear) for m in model.vision_model.modules())
     Engine(model, tiny.processor, compile=True)  # under torch.compile: inductor's GEMMs and PyTorch's attention
     assert all(type(m) is torch.nn.Linear for m in linears) and lm.config._attn_implementation == "sdpa"
+    assert tiny.model.language_model.config._attn_implementation == "sdpa"  # float32: nothing to gain
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
