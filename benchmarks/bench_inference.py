@@ -62,11 +62,16 @@ def timed(fn, repeat: int = 3, warmup_s: float = 0.5) -> float:
 # --- the machine ---------------------------------------------------------------------------------
 
 
+def read_bandwidth(src: torch.Tensor) -> float:
+    """Bytes/s at which the device reads `src` (a float32 sum over it, 1 GiB in `machine_limits`)."""
+    return src.numel() * src.element_size() / timed(lambda: src.sum().item())
+
+
 def machine_limits(device: torch.device) -> dict:
     n = 256 * 1024 * 1024  # 1 GiB of float32
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    read = n * 4 / timed(lambda: src.sum().item())
+    read = read_bandwidth(src)
     copy = 2 * n * 4 / timed(lambda: (dst.copy_(src), _sync(device)))
     peaks = {}
     n = 4096 if device.type == "cpu" else 8192

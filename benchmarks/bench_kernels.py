@@ -21,14 +21,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_inference import read_bandwidth  # the same read probe as the inference benchmark's
 
 from openowl.infer.kernels import cpu_kernels, kernel_choice, matvec
-
-
-def read_bandwidth() -> float:
-    x = torch.ones(256 * 1024 * 1024)  # 1 GiB of float32
-    x.sum()
-    return x.numel() * 4 / min(_time(lambda: x.sum()) for _ in range(5)) / 1e9
 
 
 def _time(fn: Callable) -> float:
@@ -60,7 +55,7 @@ def main() -> None:
     shapes = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]
     shapes = [s for _ in range(4) for s in shapes][:24]
     rows = [int(r) for r in args.rows.split(",")]
-    result: dict = {"kernels": kernel_choice(), "read_gbps": read_bandwidth()}
+    result: dict = {"kernels": kernel_choice(), "read_gbps": read_bandwidth(torch.ones(256 * 1024 * 1024)) / 1e9}
 
     bf16 = [(torch.randn(s, dtype=torch.bfloat16) / 50,) for s in shapes]
     kernels: dict[str, Callable] = {"oneDNN F.linear": lambda x, w: F.linear(x, w)}
