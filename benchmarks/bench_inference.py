@@ -327,10 +327,12 @@ def main() -> None:
         add_bandwidth(base, step_bytes, result["machine"])
         result["transformers_generate"] = base
         result["speedup_vs_transformers"] = ours["decode_tok_s"] / base["decode_tok_s"]
+    progress("machine, ours, transformers", [result["machine"], ours, base])
     result["batch_throughput_tok_s"] = {
         b: decode_run(engine, request, args.new_tokens, batch=b)["decode_tok_s"]
         for b in map(int, args.batches.split(","))
     }
+    progress("batch_throughput_tok_s", result["batch_throughput_tok_s"])
     result["second_turn"] = second_turn(engine, request, args.new_tokens)
     if args.load_rss:
         result["load_rss"] = load_rss(model)
@@ -351,9 +353,15 @@ def main() -> None:
         if "transformers_generate" in result:
             run["speedup_vs_transformers"] = run["decode_tok_s"] / result["transformers_generate"]["decode_tok_s"]
         result["variants"][spec] = run
+        progress(spec, run)
 
     print_table(result)
     print(json.dumps(result))
+
+
+def progress(name: str, value: object) -> None:
+    """A finished measurement, to stderr at once (a run cut short still tells what it measured)."""
+    print(f"{name}: {json.dumps(value)}", file=sys.stderr, flush=True)
 
 
 def print_table(r: dict) -> None:

@@ -4,12 +4,14 @@ files and int8 quantization, on the parity checkpoint and on a randomly initiali
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from conftest import IMAGES, VIDEO_CHECKPOINT
 from PIL import Image
 
+import openowl.infer.session as session_module
 from openowl import OwlForConditionalGeneration, OwlProcessor, build_prompt
 from openowl.config import get_preset
 from openowl.infer.engine import Detokenizer, Engine, Request
@@ -138,6 +140,49 @@ def test_incremental_decoding_equals_full_forward(model, processor):
 
 
 # --- sampling ------------------------------------------------------------------------------------
+
+
+def test_lookahead_changes_no_token_and_runs_one_step_ahead(tiny):
+    """Queuing the next step before yielding a token (the default on CUDA) gives the same tokens; a caller that
+    stops early finds that step run: the cache then also holds the last token it was given."""
+    prompts = [_prompt("Hi"), _prompt("Tell me a long story about two owls and a cat.")]
+    batch = tiny.processor.pad([tiny.processor.tokenize_prompt(p) for p in prompts], padding_side="left")
+    params = SamplingParams(max_new_tokens=6, repetition_penalty=1.3, no_repeat_ngram_size=2)
+
+    def run(lookahead: bool, cache=None):
+        return generate_tokens(
+            tiny.model, batch["input_ids"], batch["attention_mask"], params, cache=cache, lookahead=lookahead
+        )
+
+    assert [t.tolist() for t in run(True)] == [t.tolist() for t in run(False)]
+    for lookahead in (False, True):
+        cache = new_cache(tiny.model)
+        tokens = run(lookahead, cache)
+        for _ in range(3):
+            next(tokens)
+        assert cache.get_seq_length() == batch["input_ids"].shape[1] + 2 + lookahead
+
+
+def test_compiled_engine_reuses_its_static_caches(tiny):
+    """The compiled engine keeps one static cache per (rows, length) between requests (a new one makes CUDA graphs
+    record again). A reused cache is zeroed and gives the dynamic cache's tokens; a stream started while another
+    holds the cache gets a cache of its own."""
+    requests = _requests()
+    params = SamplingParams(max_new_tokens=5)
+    expected = [t.tolist() for t in tiny.token_stream(requests, params)[0]]
+    engine = Engine(copy.deepcopy(tiny.model), tiny.processor, compile=True)
+    engine._decode = decode_one_token  # the static-cache path, without compiling
+    pool = engine.static_caches
+    assert [t.tolist() for t in engine.token_stream(requests, params)[0]] == expected
+    (key, cache), *others = pool._free.items()
+    assert key == (3, 256) and not others and cache.get_seq_length() > 0
+    assert [t.tolist() for t in engine.token_stream(requests, params)[0]] == expected
+    assert pool._free[key] is cache
+
+    first, second = engine.token_stream(requests, params)[0], engine.token_stream(requests, params)[0]
+    steps = [(a.tolist(), b.tolist()) for a, b in zip(first, second, strict=True)]
+    assert [a for a, _ in steps] == [b for _, b in steps] == expected
+    assert len(pool._free) == 1 and pool._free[key] is not cache  # the one given back last is kept
 
 
 def test_sampling_is_seeded(tiny):
@@ -480,7 +525,11 @@ def test_chat_session_bad_image_leaves_history_untouched(engine, tmp_path):
     assert len(session.messages) == 4
 
 
-def test_chat_session_system_prompt_and_stop(engine):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_chat_session_system_prompt_and_stop(engine, lookahead, monkeypatch):
+    """With `lookahead` (generate_tokens' default on CUDA) a turn cut short has also fed its last token to the
+    cache: the history must still be what the cache holds."""
+    monkeypatch.setattr(session_module, "generate_tokens", functools.partial(generate_tokens, lookahead=lookahead))
     params = SamplingParams(max_new_tokens=8)
     session = ChatSession(engine, system="You are terse.", params=params)
     answer = _say(session, "Hi")
@@ -494,6 +543,7 @@ def test_chat_session_system_prompt_and_stop(engine):
     assert cut == answer[: answer.index(stop)]
     assert session.messages[-1] == {"role": "assistant", "content": cut}
     assert _say(session, "Go on.") == _without_cache(engine, session, params)
+    _assert_cache_matches_fresh_prefill(session)
 
 
 # --- video ---------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ finishing each row on EOS, a stop string or the token budget.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import StaticCache
 
 from openowl.infer.generate import decode_one_token, generate_tokens, static_cache
 from openowl.infer.kernels import is_tensor_subclass, use_decode_kernels, use_stock_kernels
@@ -127,6 +129,38 @@ class ImageFeatureCache:
         return out
 
 
+class StaticCachePool:
+    """The compiled engine's static KV caches, kept between requests: at most one free cache per (rows, length).
+
+    A compiled step's CUDA graph is recorded on the addresses of its cache's tensors, so that a new cache makes
+    cudagraph trees record the graph again, at every request. Keeping the caches took 32-token answers of the 7B
+    shape on an H100 from 112 to 152 tok/s (README, Performance). A cache is lent to one stream at a time, zeroed,
+    and comes back when its stream ends or is dropped; a stream that finds its shape lent gets a new cache.
+    """
+
+    def __init__(self, model: OwlForConditionalGeneration, capacity: int = 4):
+        self.model = model
+        self.capacity = capacity
+        self._free: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lend(self, rows: int, length: int, use: Callable[[StaticCache], Iterator]) -> Iterator:
+        """Run `use(cache)` on a cache for `rows` x `length` positions; the cache comes back when it is exhausted."""
+        with self._lock:
+            cache = self._free.pop((rows, length), None)
+        if cache is None:
+            cache = static_cache(self.model, length)
+        else:
+            cache.reset()
+        try:
+            yield from use(cache)
+        finally:
+            with self._lock:
+                self._free[(rows, length)] = cache
+                while len(self._free) > self.capacity:
+                    self._free.popitem(last=False)
+
+
 class Engine:
     """Batched and streaming generation over one model and its processor."""
 
@@ -154,6 +188,7 @@ class Engine:
             (use_stock_kernels if compile else use_decode_kernels)(model.language_model)
         self._decode = compiled_decode(model) if compile else decode_one_token
         self.compiled = compile
+        self.static_caches = StaticCachePool(model)
 
     # --- visual features -----------------------------------------------------------------------
 
@@ -210,14 +245,17 @@ class Engine:
         batch = self.processor.pad(ids, padding_side="left")
         image_features = self.image_features(images)
         video_features = self.video_features(videos)
-        cache = None
-        if self.compiled:  # lengths rounded up to a bucket, so that few shapes get compiled
-            cache = static_cache(self.model, -(-(batch["input_ids"].shape[1] + params.max_new_tokens) // 256) * 256)
-        tokens = generate_tokens(
-            self.model, batch["input_ids"], batch["attention_mask"], params, image_features, video_features,
-            cache=cache, decode=self._decode,
-        )  # fmt: skip
-        return tokens, [len(x) for x in ids]
+
+        def run(cache: StaticCache | None) -> Iterator[torch.Tensor]:
+            return generate_tokens(
+                self.model, batch["input_ids"], batch["attention_mask"], params, image_features, video_features,
+                cache=cache, decode=self._decode,
+            )  # fmt: skip
+
+        if not self.compiled:
+            return run(None), [len(x) for x in ids]
+        length = -(-(batch["input_ids"].shape[1] + params.max_new_tokens) // 256) * 256  # few shapes to compile
+        return self.static_caches.lend(len(ids), length, run), [len(x) for x in ids]
 
     def _start(self, requests: Sequence[Request], params: SamplingParams) -> _BatchState:
         tokens, prompt_lengths = self.token_stream(requests, params)

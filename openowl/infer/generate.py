@@ -132,6 +132,7 @@ def generate_tokens(
     cache: Cache | None = None,
     history: list[list[int]] | None = None,
     decode: Callable = decode_one_token,
+    lookahead: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield `(B,)` next tokens, step by step, up to `params.max_new_tokens`; stop iterating to stop early.
 
@@ -139,6 +140,10 @@ def generate_tokens(
         cache: a DynamicCache (default; may hold a reused prefix) or a StaticCache sized for prompt + new tokens.
         history: each row's earlier text ids, for the repetition controls (defaults to the prompt's text ids).
         decode: the decoding step, e.g. `torch.compile(decode_one_token, mode="reduce-overhead")`.
+        lookahead: queue the next step before yielding a token, so that the device computes it while the caller
+            reads the token (which waits only for the sampling). Default: on CUDA, whose kernels run
+            asynchronously; on a CPU it would only delay every token by a step. A caller that stops early has
+            then run one step more: the cache also holds the last yielded token.
     """
     cache = cache if cache is not None else new_cache(model)
     logits, mask = prefill(model, input_ids, attention_mask, cache, image_features, video_features)
@@ -150,18 +155,26 @@ def generate_tokens(
     width = cache.get_max_length() if static else used + params.max_new_tokens
     full = torch.cat([mask, mask.new_zeros(rows, width - used)], dim=1)  # the mask over every future position
     generators = _generators(params.seed, rows, logits.device)
-    for step in range(params.max_new_tokens):
-        token = sample_next(logits, params, history, generators)
-        yield token
-        if step + 1 == params.max_new_tokens:
-            return
+    lookahead = logits.device.type == "cuda" if lookahead is None else lookahead
+
+    def step(token: torch.Tensor) -> torch.Tensor:  # feed `token`, return the next logits
+        nonlocal used
         if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size:
             for row, t in enumerate(token.tolist()):
                 history[row].append(t)
         full[:, used] = 1
         used += 1
         positions = full[:, :used].sum(-1, keepdim=True) - 1  # (B, 1)
-        logits = decode(model, token.to(model.device), full if static else full[:, :used], positions, cache)
+        return decode(model, token.to(model.device), full if static else full[:, :used], positions, cache)
+
+    for i in range(params.max_new_tokens):
+        token = sample_next(logits, params, history, generators)
+        more = i + 1 < params.max_new_tokens
+        if more and lookahead:
+            logits = step(token)
+        yield token
+        if more and not lookahead:
+            logits = step(token)
 
 
 def static_cache(model: OwlForConditionalGeneration, max_len: int) -> StaticCache:

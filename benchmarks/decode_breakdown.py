@@ -1,0 +1,173 @@
+"""Where a compiled GPU decoding step's time goes, against the card's bandwidth (random weights of a real shape).
+
+    python benchmarks/decode_breakdown.py --preset mplug-owl-7b
+
+Prints, in GB/s of LM weights read per step and as a share of the measured bandwidth:
+- matmuls alone: every LM Linear on one bf16 row, replayed as one CUDA graph (the kernels' floor);
+- the same with q/k/v and gate/up fused into one weight each;
+- the engine's compiled decoding step replayed back to back (the GPU's time: the host never waits);
+- the engine's loop (tokens reach the host every step), with and without queuing the next step ahead
+  (`generate_tokens(lookahead=...)`);
+- the top GPU kernels of an eager decoding step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import (  # noqa: E402
+    IMAGE,
+    QUESTION,
+    TOKENIZER,
+    decode_run,
+    kv_bytes,
+    lm_bytes,
+    machine_limits,
+    random_model,
+)
+
+import openowl.infer.engine as engine_module  # noqa: E402
+from openowl import OwlProcessor  # noqa: E402
+from openowl.infer.engine import Engine, Request  # noqa: E402
+from openowl.infer.generate import generate_tokens  # noqa: E402
+from openowl.infer.sampling import SamplingParams  # noqa: E402
+
+
+def graph_time(fn, replays: int = 20) -> float:
+    """Seconds per call of `fn` captured in a CUDA graph and replayed `replays` times back to back."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / replays)
+    return best
+
+
+def linear_floor(model) -> dict:
+    """Every LM Linear (and the head) on one row, as one graph; then with q/k/v and gate/up fused."""
+    lm = model.language_model
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    x = {m.in_features: torch.randn(1, m.in_features, device=model.device, dtype=model.dtype) for m in linears}
+    plain = graph_time(lambda: [F.linear(x[m.in_features], m.weight) for m in linears])
+    fused = []
+    for layer in lm.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        fused += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight]
+        fused += [torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+    fused.append(lm.lm_head.weight)
+    fused_s = graph_time(lambda: [F.linear(x[w.shape[1]], w) for w in fused])
+    return {"bytes": nbytes, "plain_s": plain, "fused_s": fused_s}
+
+
+def kernel_table(engine: Engine, request: Request) -> str:
+    """Top GPU kernels of three eager decoding steps."""
+    model = engine.model
+    ids = engine.processor.pad([engine.processor.tokenize_prompt(request.prompt)])
+    features = engine.image_features(request.images)
+    tokens = generate_tokens(
+        model, ids["input_ids"], ids["attention_mask"], SamplingParams(max_new_tokens=8), features, lookahead=False
+    )
+    next(tokens), next(tokens)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            next(tokens)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mplug-owl-7b")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    out: dict = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    machine = machine_limits(device)
+    out["machine"] = machine
+    bandwidth = machine["bandwidth_gbps"] * 1e9
+    print(f"card {out['card']}, read {machine['read_gbps']:.0f} GB/s, copy {machine['copy_gbps']:.0f} GB/s", flush=True)
+    model = random_model(args.preset, dtype, device)
+    processor = OwlProcessor.from_pretrained(TOKENIZER)
+    processor.image_size = model.config.vision.image_size
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    request = Request(processor.apply_chat_template([{"role": "user", "content": content}]), [IMAGE])
+
+    floor = linear_floor(model)
+    out["linears"] = floor
+    for key in ("plain_s", "fused_s"):
+        gbps = floor["bytes"] / floor[key] / 1e9
+        print(f"matmuls alone ({key[:-2]}): {floor[key] * 1e3:.2f} ms, {gbps:.0f} GB/s, "
+              f"{gbps * 1e9 / bandwidth:.0%} of bandwidth", flush=True)  # fmt: skip
+
+    engine = Engine(model, processor)
+    out["eager_kernels"] = kernel_table(engine, request)
+    print(out["eager_kernels"], flush=True)
+
+    engine = Engine(model, processor, compile=True)
+    compiled, last = engine._decode, {}
+
+    def recording(*a):
+        last["args"] = a
+        return compiled(*a)
+
+    engine._decode = recording
+    start = time.perf_counter()
+    prompt_len = decode_run(engine, request, args.new_tokens, repeat=1)["prompt_len"]
+    result = {"first_run_s": time.perf_counter() - start}
+    step_bytes = lm_bytes(model) + kv_bytes(model, prompt_len + args.new_tokens // 2)  # as bench_inference counts
+    out["step_bytes"] = step_bytes
+    plain_generate = engine_module.generate_tokens
+    for ahead in (False, True):
+        engine_module.generate_tokens = functools.partial(plain_generate, lookahead=ahead)
+        try:
+            runs = [decode_run(engine, request, args.new_tokens, repeat=1) for _ in range(3)]
+        finally:
+            engine_module.generate_tokens = plain_generate
+        result[f"loop_lookahead_{ahead}_tok_s"] = sorted(r["decode_tok_s"] for r in runs)[1]
+    for _ in range(3):
+        compiled(*last["args"])
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    replays = 50
+    begin.record()
+    for _ in range(replays):  # the same step again and again: the GPU's time, the host never waited for
+        compiled(*last["args"])
+    end.record()
+    torch.cuda.synchronize()
+    result["graph_tok_s"] = replays / (begin.elapsed_time(end) / 1e3)
+    for key in [k for k in result if k.endswith("tok_s")]:
+        result[key.replace("tok_s", "of_bandwidth")] = result[key] * step_bytes / bandwidth
+    out["compiled"] = result
+    print("compiled", json.dumps(result), flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
