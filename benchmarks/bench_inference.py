@@ -115,6 +115,15 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device) -> OwlFo
     return model.to(device).eval()
 
 
+def benchmark_request(model: OwlForConditionalGeneration) -> tuple[OwlProcessor, Request]:
+    """The real LLaMA tokenizer, set to the model's image size, and the request every run times: one image and
+    `QUESTION` in the upstream template."""
+    processor = OwlProcessor.from_pretrained(TOKENIZER)
+    processor.image_size = model.config.vision.image_size
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    return processor, Request(processor.apply_chat_template([{"role": "user", "content": content}]), [IMAGE])
+
+
 def lm_bytes(model: OwlForConditionalGeneration) -> int:
     """Bytes a decode step reads: every LM weight but the embedding table (a row lookup)."""
     embed = model.language_model.get_input_embeddings().weight
@@ -300,10 +309,7 @@ def main() -> None:
         result["decode_kernels"] = kernel_choice()
     result["machine"] = machine_limits(device)
     model = random_model(args.preset, dtype, device)
-    processor = OwlProcessor.from_pretrained(TOKENIZER)  # the real LLaMA tokenizer
-    processor.image_size = model.config.vision.image_size
-    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
-    request = Request(processor.apply_chat_template([{"role": "user", "content": content}]), [IMAGE])
+    processor, request = benchmark_request(model)
     result["lm_params_b"] = sum(p.numel() for p in model.language_model.parameters()) / 1e9
     engine = Engine(model, processor, compile=args.compile)
     # Interleaved rounds, medians: drifts of a shared machine hit ours and the baseline alike.

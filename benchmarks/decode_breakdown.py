@@ -25,9 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import (  # noqa: E402
-    IMAGE,
-    QUESTION,
-    TOKENIZER,
+    benchmark_request,
     decode_run,
     kv_bytes,
     lm_bytes,
@@ -36,7 +34,6 @@ from bench_inference import (  # noqa: E402
 )
 
 import openowl.infer.engine as engine_module  # noqa: E402
-from openowl import OwlProcessor  # noqa: E402
 from openowl.infer.engine import Engine, Request  # noqa: E402
 from openowl.infer.generate import generate_tokens  # noqa: E402
 from openowl.infer.sampling import SamplingParams  # noqa: E402
@@ -114,10 +111,7 @@ def main() -> None:
     bandwidth = machine["bandwidth_gbps"] * 1e9
     print(f"card {out['card']}, read {machine['read_gbps']:.0f} GB/s, copy {machine['copy_gbps']:.0f} GB/s", flush=True)
     model = random_model(args.preset, dtype, device)
-    processor = OwlProcessor.from_pretrained(TOKENIZER)
-    processor.image_size = model.config.vision.image_size
-    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
-    request = Request(processor.apply_chat_template([{"role": "user", "content": content}]), [IMAGE])
+    processor, request = benchmark_request(model)
 
     floor = linear_floor(model)
     out["linears"] = floor

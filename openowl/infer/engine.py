@@ -252,10 +252,11 @@ class Engine:
                 cache=cache, decode=self._decode,
             )  # fmt: skip
 
+        lengths = [len(x) for x in ids]
         if not self.compiled:
-            return run(None), [len(x) for x in ids]
+            return run(None), lengths
         length = -(-(batch["input_ids"].shape[1] + params.max_new_tokens) // 256) * 256  # few shapes to compile
-        return self.static_caches.lend(len(ids), length, run), [len(x) for x in ids]
+        return self.static_caches.lend(len(ids), length, run), lengths
 
     def _start(self, requests: Sequence[Request], params: SamplingParams) -> _BatchState:
         tokens, prompt_lengths = self.token_stream(requests, params)
