@@ -33,6 +33,7 @@ from accelerate import init_empty_weights
 
 from openowl import OwlForConditionalGeneration, OwlProcessor, get_preset
 from openowl.infer.engine import Engine, Request
+from openowl.infer.fuse import fuse_projections, unfuse_projections
 from openowl.infer.generate import generate_tokens
 from openowl.infer.kernels import kernel_choice, use_decode_kernels, use_stock_kernels
 from openowl.infer.sampling import SamplingParams
@@ -124,10 +125,17 @@ def benchmark_request(model: OwlForConditionalGeneration) -> tuple[OwlProcessor,
     return processor, Request(processor.apply_chat_template([{"role": "user", "content": content}]), [IMAGE])
 
 
+def lm_weights(model: OwlForConditionalGeneration) -> list[torch.Tensor]:
+    """Every LM weight once but the embedding table, from the state dict: an engine's fused projections
+    (`infer/fuse.py`) are parameters too, over the same memory as the weights they fuse."""
+    embed = model.language_model.get_input_embeddings().weight
+    weights = {id(t): t for t in model.language_model.state_dict(keep_vars=True).values()}
+    return [t for t in weights.values() if t is not embed]
+
+
 def lm_bytes(model: OwlForConditionalGeneration) -> int:
     """Bytes a decode step reads: every LM weight but the embedding table (a row lookup)."""
-    embed = model.language_model.get_input_embeddings().weight
-    return sum(_nbytes(p) for p in model.language_model.parameters() if p is not embed)
+    return sum(_nbytes(p) for p in lm_weights(model))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -145,10 +153,7 @@ def kv_bytes(model: OwlForConditionalGeneration, seq: int, batch: int = 1) -> in
 def prefill_flops(model: OwlForConditionalGeneration, prompt_len: int, images: int) -> float:
     vision = sum(p.numel() for p in model.vision_model.parameters())
     abstractor = sum(p.numel() for p in model.abstractor.parameters())
-    lm = (
-        sum(p.numel() for p in model.language_model.parameters())
-        - model.language_model.get_input_embeddings().weight.numel()
-    )
+    lm = sum(p.numel() for p in lm_weights(model))
     c = model.language_model.config
     tokens = model.config.vision.num_positions
     attn_lm = 2 * 2 * c.num_hidden_layers * prompt_len**2 * c.hidden_size
@@ -221,10 +226,13 @@ def baseline_run(
         return time.perf_counter() - start
 
     swapped = use_stock_kernels(model.language_model)
+    fused = unfuse_projections(model.language_model, keep=True)
     try:
         run(2)
         one, full = min(run(1) for _ in range(2)), run(new_tokens)
     finally:
+        if fused:
+            fuse_projections(model.language_model)
         if swapped:
             use_decode_kernels(model.language_model)
     return {"ttft_s": one, "decode_tok_s": (new_tokens - 1) / (full - one)}

@@ -13,12 +13,34 @@ import torch
 from safetensors.torch import load_file
 
 from openowl import OwlForConditionalGeneration, OwlProcessor
-from openowl.infer.engine import Engine, Request
+from openowl.infer.engine import Engine, Request, compiled_decode
+from openowl.infer.generate import decode_one_token, prefill, static_cache
 from openowl.infer.quantize import quantize
 from openowl.infer.sampling import SamplingParams
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "parity-v1"
 CASES = ["text_only", "one_image", "two_images", "multi_turn", "unicode"]
+
+
+def compiled_step_cosine(engine: Engine, request: Request) -> float:
+    """Cosine between the logits of one compiled decoding step and the eager step's, after the same prefill."""
+    model, processor = engine.model, engine.processor
+    batch = processor.pad([processor.tokenize_prompt(request.prompt)])
+    cache, length = static_cache(model, 256), 256
+    step = compiled_decode(model)
+    with torch.no_grad():
+        logits, mask = prefill(
+            model, batch["input_ids"].to(model.device), batch["attention_mask"], cache,
+            engine.image_features(request.images),
+        )  # fmt: skip
+        token, used = logits.argmax(-1), mask.shape[1]
+        full = torch.cat([mask, mask.new_zeros(1, length - used)], dim=1)
+        full[:, used] = 1
+        positions = torch.tensor([[used]], device=model.device)
+        for _ in range(3):  # past cudagraph trees' warm-up and recording: a replay
+            fast = step(model, token, full, positions, cache).float().clone()
+        slow = decode_one_token(model, token, full, positions, cache).float()  # rewrites the same cache slot
+    return torch.nn.functional.cosine_similarity(fast, slow).item()
 
 
 def main() -> int:
@@ -55,11 +77,24 @@ def main() -> int:
     results["batch_equals_one_by_one_fp32"] = batch == alone
     compiled = Engine(model, processor, compile=True)
     results["compiled_equals_eager_fp32"] = [c.token_ids for c in compiled.generate(requests, params)] == batch
+    for name in CASES:  # the engines fused the projections (infer/fuse.py): the upstream tokens still
+        ids = expected[f"{name}.input_ids"].to(device)
+        pixels = expected.get(f"{name}.pixel_values")
+        new = model.generate(
+            input_ids=ids, pixel_values=None if pixels is None else pixels.to(device), max_new_tokens=24,
+            do_sample=False,
+        )  # fmt: skip
+        results[f"fused_greedy_{name}"] = bool(torch.equal(new, expected[f"{name}.greedy_ids"][:, 1:].to(device)))
 
     for dtype in (torch.bfloat16, torch.float16):
         half = OwlForConditionalGeneration.from_pretrained(FIXTURE / "checkpoint", dtype=dtype, device=device)
-        text = Engine(half, processor).generate(requests[:2], params)
+        half_engine = Engine(half, processor)
+        text = half_engine.generate(requests[:2], params)
         results[f"generates_{str(dtype)[6:]}"] = all(len(c.token_ids) > 0 for c in text)
+        if dtype == torch.bfloat16:
+            step_cos = compiled_step_cosine(half_engine, requests[1])
+            results["bf16_compiled_step_cosine"] = step_cos
+            results["bf16_compiled_step_close"] = step_cos > 0.999
         inputs = {k: expected[f"one_image.{k}"].to(device) for k in ("input_ids", "pixel_values")}
         with torch.no_grad():
             ref = half(**inputs).logits.float()
@@ -73,6 +108,10 @@ def main() -> int:
                     out = q(**inputs).logits.float()
                 cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
                 results[f"{mode}_{str(dtype)[6:]}_cosine"] = cos
+                if mode == "int8" and dtype == torch.bfloat16:
+                    step_cos = compiled_step_cosine(Engine(q, processor), requests[1])
+                    results["int8_bf16_compiled_step_cosine"] = step_cos
+                    results["int8_bf16_compiled_step_close"] = step_cos > 0.999
             except Exception as err:  # report, don't hide
                 results[f"{mode}_{str(dtype)[6:]}_error"] = f"{type(err).__name__}: {err}"[:300]
 

@@ -9,6 +9,9 @@ Prints, in GB/s of LM weights read per step and as a share of the measured bandw
 - the engine's loop (tokens reach the host every step), with and without queuing the next step ahead
   (`generate_tokens(lookahead=...)`);
 - the top GPU kernels of an eager decoding step.
+
+`--parts` picks some of these: floor (the matmuls alone), eager, compiled. The engine fuses q/k/v and gate/up
+(`infer/fuse.py`), so its steps read the fused weights.
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mplug-owl-7b")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--parts", default="floor,eager,compiled", help="which measurements, comma-separated")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     device, dtype = torch.device("cuda"), torch.bfloat16
     out: dict = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__}
     machine = machine_limits(device)
@@ -113,17 +118,24 @@ def main() -> None:
     model = random_model(args.preset, dtype, device)
     processor, request = benchmark_request(model)
 
-    floor = linear_floor(model)
-    out["linears"] = floor
-    for key in ("plain_s", "fused_s"):
-        gbps = floor["bytes"] / floor[key] / 1e9
-        print(f"matmuls alone ({key[:-2]}): {floor[key] * 1e3:.2f} ms, {gbps:.0f} GB/s, "
-              f"{gbps * 1e9 / bandwidth:.0%} of bandwidth", flush=True)  # fmt: skip
+    if "floor" in parts:
+        floor = linear_floor(model)
+        out["linears"] = floor
+        for key in ("plain_s", "fused_s"):
+            gbps = floor["bytes"] / floor[key] / 1e9
+            print(f"matmuls alone ({key[:-2]}): {floor[key] * 1e3:.2f} ms, {gbps:.0f} GB/s, "
+                  f"{gbps * 1e9 / bandwidth:.0%} of bandwidth", flush=True)  # fmt: skip
+    if "eager" in parts:
+        engine = Engine(model, processor)
+        out["eager_kernels"] = kernel_table(engine, request)
+        print(out["eager_kernels"], flush=True)
+    if "compiled" in parts:
+        out["compiled"] = compiled_loop(model, processor, request, args.new_tokens, bandwidth)
+    print(json.dumps(out))
 
-    engine = Engine(model, processor)
-    out["eager_kernels"] = kernel_table(engine, request)
-    print(out["eager_kernels"], flush=True)
 
+def compiled_loop(model, processor, request: Request, new_tokens: int, bandwidth: float) -> dict:
+    """The compiled engine's loop with and without lookahead, and its step replayed back to back."""
     engine = Engine(model, processor, compile=True)
     compiled, last = engine._decode, {}
 
@@ -133,15 +145,15 @@ def main() -> None:
 
     engine._decode = recording
     start = time.perf_counter()
-    prompt_len = decode_run(engine, request, args.new_tokens, repeat=1)["prompt_len"]
+    prompt_len = decode_run(engine, request, new_tokens, repeat=1)["prompt_len"]
     result = {"first_run_s": time.perf_counter() - start}
-    step_bytes = lm_bytes(model) + kv_bytes(model, prompt_len + args.new_tokens // 2)  # as bench_inference counts
-    out["step_bytes"] = step_bytes
+    step_bytes = lm_bytes(model) + kv_bytes(model, prompt_len + new_tokens // 2)  # as bench_inference counts
+    result["step_bytes"] = step_bytes
     plain_generate = engine_module.generate_tokens
     for ahead in (False, True):
         engine_module.generate_tokens = functools.partial(plain_generate, lookahead=ahead)
         try:
-            runs = [decode_run(engine, request, args.new_tokens, repeat=1) for _ in range(3)]
+            runs = [decode_run(engine, request, new_tokens, repeat=1) for _ in range(3)]
         finally:
             engine_module.generate_tokens = plain_generate
         result[f"loop_lookahead_{ahead}_tok_s"] = sorted(r["decode_tok_s"] for r in runs)[1]
@@ -158,9 +170,8 @@ def main() -> None:
     result["graph_tok_s"] = replays / (begin.elapsed_time(end) / 1e3)
     for key in [k for k in result if k.endswith("tok_s")]:
         result[key.replace("tok_s", "of_bandwidth")] = result[key] * step_bytes / bandwidth
-    out["compiled"] = result
     print("compiled", json.dumps(result), flush=True)
-    print(json.dumps(out))
+    return result
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import openowl.infer.session as session_module
 from openowl import OwlForConditionalGeneration, OwlProcessor, build_prompt
 from openowl.config import get_preset
 from openowl.infer.engine import Detokenizer, Engine, Request
+from openowl.infer.fuse import FusedLlamaAttention
 from openowl.infer.generate import (
     ChunkedLayer,
     decode_one_token,
@@ -100,6 +101,7 @@ def test_reproduces_fixture_greedy_ids(manifest, expected, engine):
     reference = expected["one_image.greedy_ids"][0, 1:].tolist()
     request = Request(case["prompt"], [IMAGES / name for name in case["images"]])
     completion = engine.generate([request], SamplingParams(max_new_tokens=len(reference)))[0]
+    assert type(engine.model.language_model.model.layers[0].self_attn) is FusedLlamaAttention  # fused projections
     if 2 in reference:  # the engine stops at EOS, the reference ran on
         reference = reference[: reference.index(2)]
     assert completion.token_ids == reference
@@ -746,14 +748,34 @@ def test_int8_linear_matches_its_dequantized_weight():
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int8_product_sum_is_the_dequantized_product(rows):
+    """The form compiled CUDA decoding gives int8 Linears (CUDA itself: `benchmarks/cuda_check.py`)."""
+    from openowl.infer.quantize import int8_product_sum
+
+    torch.manual_seed(0)
+    weight, scale = torch.randint(-127, 128, (48, 64), dtype=torch.int8), torch.rand(48) / 100
+    x = torch.randn(rows, 64)
+    expected = x @ (weight.float() * scale[:, None]).T
+    torch.testing.assert_close(int8_product_sum(x, weight, scale), expected, rtol=1e-5, atol=1e-5)
+    bf16 = int8_product_sum(x.bfloat16(), weight, scale.bfloat16())
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == (rows, 48)
+    torch.testing.assert_close(
+        bf16.float(),
+        x.bfloat16().float() @ (weight.float() * scale.bfloat16().float()[:, None]).T,
+        rtol=1e-2,
+        atol=1e-2,
+    )
+
+
 def test_engine_puts_the_decode_kernels_in_for_eager_decoding_only(tiny):
     from openowl.infer.kernels import ATTENTION, DecodeLinear, cpu_kernels
 
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
     lm = model.language_model
-    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == 7 * lm.config.num_hidden_layers + 1
     Engine(model, tiny.processor)
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 9 * lm.config.num_hidden_layers + 1  # 7 projections, fused q/k/v and gate/up, the head
     assert all(type(m) is DecodeLinear for m in linears)
     assert lm.config._attn_implementation == (ATTENTION if cpu_kernels() else "sdpa")
     assert not any(isinstance(m, DecodeLinear) for m in model.vision_model.modules())
@@ -789,7 +811,9 @@ def test_compiled_cpu_decoding_runs_inductors_gemms_on_frozen_weights(tiny, mode
         counters.clear()
         fast = compiled_decode(model)(model, token, full, positions, cache).float()
         slow = decode_one_token(model, token, full, positions, cache).float()  # rewrites the same cache slot
-    assert counters["inductor"]["cpp_templated_kernel_counter"] >= 7 * model.language_model.config.num_hidden_layers
+    per_layer = 4 if mode == "bf16" else 7  # the engine fuses q/k/v and gate/up; quantized ones stay apart
+    layers = model.language_model.config.num_hidden_layers
+    assert counters["inductor"]["cpp_templated_kernel_counter"] >= per_layer * layers
     assert torch.nn.functional.cosine_similarity(fast, slow).item() > 0.9999
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StaticCache
 
+from openowl.infer.fuse import fuse_projections
 from openowl.infer.generate import decode_one_token, generate_tokens, static_cache
 from openowl.infer.kernels import is_tensor_subclass, use_decode_kernels, use_stock_kernels
 from openowl.infer.sampling import SamplingParams
@@ -184,6 +185,7 @@ class Engine:
         eos = model.language_model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = frozenset(e for e in [processor.tokenizer.eos_token_id, *eos] if e is not None)
+        fuse_projections(model.language_model)  # one product for q/k/v and one for gate/up (`fuse.py`)
         if model.device.type == "cpu":  # under torch.compile, inductor's own GEMMs and PyTorch's attention
             (use_stock_kernels if compile else use_decode_kernels)(model.language_model)
         self._decode = compiled_decode(model) if compile else decode_one_token

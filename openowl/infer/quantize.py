@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openowl.infer.fuse import unfuse_projections
 from openowl.infer.kernels import MAX_ROWS, fits_small_linear
 from openowl.model.owl import OwlForConditionalGeneration
 
@@ -17,12 +18,12 @@ def quantize(
 ) -> OwlForConditionalGeneration:
     """Quantize, in place, every Linear of the language model (and of the vision side if asked).
 
-    int8 uses torchao's weight-only int8 (per-channel scales). On CUDA the weights stay torchao tensors. On a CPU
-    they become `Int8WeightOnlyLinear`s (torchao's int8 values and scales as plain tensors), which run PyTorch's
-    int8 kernel and, under `Engine(compile=True)`, let inductor pre-pack the frozen weights for its own int8 GEMM
-    (torchao's tensor subclass hides them from that pass); there a Linear whose input width is not a multiple of
-    16 stays as it is (the CPU kernel reads 16 inputs at a time: in bf16 it crashes or returns garbage on other
-    widths).
+    int8 uses torchao's weight-only int8 (per-channel scales), held as `Int8WeightOnlyLinear`s (torchao's int8
+    values and scales as plain tensors, whose products `torch.compile` can fuse with the conversion; torchao's
+    tensor subclass hides them). On a CPU they run openowl's or PyTorch's int8 kernel and, under
+    `Engine(compile=True)`, inductor's own int8 GEMM on pre-packed frozen weights; there a Linear whose input width
+    is not a multiple of 16 stays as it is (the CPU kernel reads 16 inputs at a time: in bf16 it crashes or returns
+    garbage on other widths). On CUDA, see `Int8WeightOnlyLinear`.
 
     int4 uses torchao's grouped int4 weight-only layouts (`group_size` input features per scale, 32 to 256; a
     Linear whose input width is not a multiple of it stays as it is): on CUDA the tinygemm layout, on a CPU the
@@ -60,13 +61,14 @@ def quantize(
     def wanted(module: nn.Module, _name: str) -> bool:
         return isinstance(module, nn.Linear) and module.in_features % multiple == 0
 
+    unfuse_projections(model.language_model)  # an engine's fused projections would keep the unquantized weights
     parts: list[nn.Module] = [model.language_model]
     if include_vision:
         parts += [model.vision_model, model.abstractor]
     try:
         for part in parts:
             quantize_(part, config, filter_fn=wanted)
-            if mode == "int8" and model.device.type == "cpu":
+            if mode == "int8":
                 _unwrap_int8(part)
     except (ImportError, NotImplementedError, RuntimeError) as err:
         raise RuntimeError(f"{mode} weight-only quantization is not available on {model.device}: {err}") from err
@@ -74,13 +76,17 @@ def quantize(
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """A Linear with int8 weights and one scale per output feature, held as plain tensors (for the CPU).
+    """A Linear with int8 weights and one scale per output feature, held as plain tensors.
 
-    Up to 8 bf16 rows run openowl's int8 kernel where the CPU has it (`kernels.py`: 1.5-2x PyTorch's speed
+    On a CPU, up to 8 bf16 rows run openowl's int8 kernel where the CPU has it (`kernels.py`: 1.5-2x PyTorch's speed
     with one row, about 3x with eight). Otherwise, up to 16 rows run PyTorch's int8 kernel (`_weight_int8pack_mm`:
     3x the decoding speed of torchao's eager path, which dequantizes every weight at every call); more rows
     dequantize the weight and use the float GEMM. Under `torch.compile` with frozen weights, inductor rewrites both
     of PyTorch's paths into its own pre-packed int8 GEMM.
+
+    On CUDA, up to 8 rows under `torch.compile` (decoding) are a sum of products over the input features, which
+    inductor turns into one kernel that reads the int8 weight once; a matmul would first write the weight out in
+    the rows' dtype and read it back. Eagerly, and for more rows, the weight is converted for the float GEMM.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -92,17 +98,26 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if x.device.type != "cpu" or rows.shape[0] > 16:
+        if x.device.type == "cuda" and rows.shape[0] <= MAX_ROWS and torch.compiler.is_compiling():
+            y = int8_product_sum(rows, self.weight, self.scale)
+        elif x.device.type != "cpu" or rows.shape[0] > 16:
             y = F.linear(rows, self.weight.to(x.dtype)) * self.scale
         elif rows.shape[0] <= MAX_ROWS and self.scale.dtype == x.dtype and fits_small_linear(self.weight, x):
             y = torch.ops.openowl.small_linear_int8(rows.contiguous(), self.weight, self.scale)
         else:
             y = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def int8_product_sum(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`(M, in)` rows times an `(out, in)` int8 weight and its `(out,)` scales, as a sum of products in float32 (for
+    inductor to fuse into one pass over the weight; eagerly it would hold every product). -> `(M, out)`"""
+    products = weight[:, None, :] * rows[None].float()  # (out, M, in): rows next to each other reuse a weight row
+    return (products.sum(-1).t() * scale).to(rows.dtype)
 
 
 def _unwrap_int8(part: nn.Module) -> None:
