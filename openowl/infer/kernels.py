@@ -16,8 +16,9 @@ So, by CPU:
 - AVX-512 BF16 without AMX: `cpu_kernels.cpp`, built on first use (needs a C++ compiler, as `torch.compile` does;
   about 10 s, then cached by PyTorch): a few-row product that streams each weight once for up to 8 rows (bf16
   weights, and int8 ones with a scale per output feature for `quantize`'s int8), and a one-query attention.
-  Measured on the EPYC (bf16): about 90 % of the read bandwidth with one row, two thirds with eight, and attention
-  4x faster than PyTorch's; int8 weights 1.5-2x PyTorch's int8 kernel with one row, about 3x with eight. In a
+  Measured on the EPYC (bf16): about 90 % of the read bandwidth with one row, two thirds to three quarters with
+  eight (bf16 weights with 5-8 rows take two passes over each block of weight rows, 1.2x the speed of one), and
+  attention 4x faster than PyTorch's; int8 weights 1.5-2x PyTorch's int8 kernel with one row, about 3x with eight. In a
   decoding step, a row's products and attention get the same bits alone and in a batch of up to 8 (left padding
   included). They have no backward: what autograd follows takes PyTorch's kernels.
 - AMX: one-row products through oneDNN's `torch.mv`; other products and attention are PyTorch's.
