@@ -52,14 +52,19 @@ def main() -> int:
     results: dict[str, object] = {"card": torch.cuda.get_device_name(device)}
 
     model = OwlForConditionalGeneration.from_pretrained(FIXTURE / "checkpoint", dtype=torch.float32, device=device)
-    worst = 0.0
-    for name in CASES:
+
+    def fixture_case(name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
+        """A fixture case's ids, pixels and upstream greedy ids, and whether `model.generate` gives those ids."""
         ids = expected[f"{name}.input_ids"].to(device)
         pixels = expected.get(f"{name}.pixel_values")
         pixels = None if pixels is None else pixels.to(device)
         reference = expected[f"{name}.greedy_ids"][:, 1:].to(device)
         new = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=24, do_sample=False)
-        results[f"greedy_{name}"] = bool(torch.equal(new, reference))
+        return ids, pixels, reference, bool(torch.equal(new, reference))
+
+    worst = 0.0
+    for name in CASES:
+        ids, pixels, reference, results[f"greedy_{name}"] = fixture_case(name)
         with torch.no_grad():
             logits = model(input_ids=torch.cat([ids, reference], 1), pixel_values=pixels).logits
         n = ids.shape[1]
@@ -78,13 +83,7 @@ def main() -> int:
     compiled = Engine(model, processor, compile=True)
     results["compiled_equals_eager_fp32"] = [c.token_ids for c in compiled.generate(requests, params)] == batch
     for name in CASES:  # the engines fused the projections (infer/fuse.py): the upstream tokens still
-        ids = expected[f"{name}.input_ids"].to(device)
-        pixels = expected.get(f"{name}.pixel_values")
-        new = model.generate(
-            input_ids=ids, pixel_values=None if pixels is None else pixels.to(device), max_new_tokens=24,
-            do_sample=False,
-        )  # fmt: skip
-        results[f"fused_greedy_{name}"] = bool(torch.equal(new, expected[f"{name}.greedy_ids"][:, 1:].to(device)))
+        results[f"fused_greedy_{name}"] = fixture_case(name)[3]
 
     for dtype in (torch.bfloat16, torch.float16):
         half = OwlForConditionalGeneration.from_pretrained(FIXTURE / "checkpoint", dtype=dtype, device=device)

@@ -307,6 +307,29 @@ def test_detokenizer_never_splits_characters(text, processor):
     assert detok.finish_reason == "length"
 
 
+def test_detokenizer_decodes_a_long_answer_in_windows(processor):
+    """A long answer (this repository's README: code, tables, accents, emoji) comes out exactly as one decode of all
+    its tokens, and each step decodes a few tokens, not the whole answer."""
+    from pathlib import Path
+
+    tokenizer = processor.tokenizer
+    text = (Path(__file__).parents[1] / "README.md").read_text()[:6000] + " " + UNICODE_TEXT
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = []
+
+    class Counting:
+        eos_token_id = tokenizer.eos_token_id
+
+        def decode(self, window, **kwargs):
+            decoded.append(len(window))
+            return tokenizer.decode(window, **kwargs)
+
+    detok, deltas = _feed(Counting(), ids, stop=["</s>"])
+    assert len(ids) > 1000
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert max(decoded) <= 8 and sum(decoded) < 6 * len(ids)
+
+
 def test_detokenizer_keeps_leading_spaces(processor):
     """A token's "▁" becomes one space, once: not dropped at a delta boundary, not doubled; double spaces stay."""
     tokenizer = processor.tokenizer

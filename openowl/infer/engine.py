@@ -43,7 +43,13 @@ class Completion:
 
 @dataclass
 class Detokenizer:
-    """Turns one row's tokens into text deltas whose concatenation is the final text."""
+    """Turns one row's tokens into text deltas whose concatenation is the final text.
+
+    Each token is decoded in a window of a few tokens: the ones of the previous delta, as context (a SentencePiece
+    decoder drops the space of a text's first token), and the new ones. The text they add is the window's text past
+    the context's. A step costs the same whatever the length of the answer; decoding the whole answer at every step
+    took 1.5 ms per token at 1000 tokens (LLaMA's tokenizer, on the 2-core CPU of the README's runs).
+    """
 
     tokenizer: object
     stop: tuple[str, ...] = ()
@@ -51,6 +57,10 @@ class Detokenizer:
     ids: list[int] = field(default_factory=list)
     text: str = ""  # emitted so far
     finish_reason: str | None = None
+    decoded: str = ""  # the text of `ids[:read]`: `text`, then what may still become a stop string
+    context: int = 0  # ids[context:read] are the previous delta's tokens, which decode to `context_text`
+    read: int = 0
+    context_text: str = ""
 
     def add(self, token: int) -> str:
         """Take the next token; return the new text that is now certain (possibly "")."""
@@ -58,32 +68,32 @@ class Detokenizer:
             return ""
         if token in self.eos_ids:
             self.finish_reason = "stop"
-            return self._emit(self._decoded())
+            return self._emit(self.decoded)
         self.ids.append(token)
-        full = self._decoded()
+        window = self._decode(self.ids[self.context :])
+        if window.endswith("\ufffd") or len(window) <= len(self.context_text):
+            return ""  # an incomplete UTF-8 sequence (wait for its next byte), or no text yet
+        self.decoded += window[len(self.context_text) :]
+        self.context, self.read, self.context_text = self.read, len(self.ids), self._decode(self.ids[self.read :])
         for stop in self.stop:
-            at = full.find(stop, max(0, len(self.text) - len(stop)))
+            at = self.decoded.find(stop, max(0, len(self.text) - len(stop)))
             if at >= 0:
                 self.finish_reason = "stop"
-                return self._emit(full[:at])
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-            return ""
-        return self._emit(full[: len(full) - _stop_prefix_length(full, self.stop)])
+                return self._emit(self.decoded[:at])
+        return self._emit(self.decoded[: len(self.decoded) - _stop_prefix_length(self.decoded, self.stop)])
 
     def finish(self) -> str:
         """The budget ran out: release any held-back text (nothing for a row that already stopped)."""
         if self.finish_reason:  # EOS or a stop string: the text is final (it must not regain the stop string)
             return ""
         self.finish_reason = "length"
-        return self._emit(self._decoded().rstrip("\ufffd"))
+        pending = self._decode(self.ids[self.context :])[len(self.context_text) :]  # tokens still waiting
+        return self._emit(self.decoded + pending.rstrip("\ufffd"))
 
-    def _decoded(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _emit(self, upto: str) -> str:
-        # Normally `upto` extends what was emitted. After invalid UTF-8 (stray byte tokens) the decoder may rewrite
-        # earlier characters as U+FFFD; emitted text can't be taken back, so carry on from the same offset rather
-        # than dropping everything that follows.
         delta = upto[len(self.text) :]
         self.text += delta
         return delta

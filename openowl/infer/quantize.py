@@ -85,8 +85,10 @@ class Int8WeightOnlyLinear(nn.Module):
     of PyTorch's paths into its own pre-packed int8 GEMM.
 
     On CUDA, up to 8 rows under `torch.compile` (decoding) are a sum of products over the input features, which
-    inductor turns into one kernel that reads the int8 weight once; a matmul would first write the weight out in
-    the rows' dtype and read it back. Eagerly, and for more rows, the weight is converted for the float GEMM.
+    inductor can fuse with the conversion into one kernel over the int8 weight; a matmul would first write the weight
+    out in the rows' dtype and read it back. On an H100, the 7B shape decoded at 195 tok/s this way against 119 with
+    torchao's int8 tensors (README, Performance). Eagerly, and for more rows, the weight is converted for the float
+    GEMM.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
