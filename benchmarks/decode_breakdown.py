@@ -38,6 +38,7 @@ from bench_inference import (  # noqa: E402
 
 import openowl.infer.engine as engine_module  # noqa: E402
 from openowl.infer.engine import Engine, Request  # noqa: E402
+from openowl.infer.fuse import fuse_projections  # noqa: E402
 from openowl.infer.generate import generate_tokens  # noqa: E402
 from openowl.infer.sampling import SamplingParams  # noqa: E402
 
@@ -68,20 +69,22 @@ def graph_time(fn, replays: int = 20) -> float:
 
 
 def linear_floor(model) -> dict:
-    """Every LM Linear (and the head) on one row, as one graph; then with q/k/v and gate/up fused."""
+    """Every LM Linear (and the head) on one row, as one graph; then with q/k/v and gate/up fused, as the engine
+    fuses them (`fuse_projections`: the parts' weights become views of the fused ones, so nothing is copied)."""
     lm = model.language_model
-    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    x = {m.in_features: torch.randn(1, m.in_features, device=model.device, dtype=model.dtype) for m in linears}
-    plain = graph_time(lambda: [F.linear(x[m.in_features], m.weight) for m in linears])
-    fused = []
-    for layer in lm.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        fused += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight]
-        fused += [torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+    fuse_projections(lm)
+    layers = [(layer.self_attn, layer.mlp) for layer in lm.model.layers]
+    plain, fused = [], []  # layer by layer, in the order a step reads them, then the head
+    for a, m in layers:
+        plain += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
+        plain += [m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+        fused += [a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight]
+    plain.append(lm.lm_head.weight)
     fused.append(lm.lm_head.weight)
+    x = {w.shape[1]: torch.randn(1, w.shape[1], device=model.device, dtype=model.dtype) for w in plain}
+    plain_s = graph_time(lambda: [F.linear(x[w.shape[1]], w) for w in plain])
     fused_s = graph_time(lambda: [F.linear(x[w.shape[1]], w) for w in fused])
-    return {"bytes": nbytes, "plain_s": plain, "fused_s": fused_s}
+    return {"bytes": sum(w.numel() * w.element_size() for w in plain), "plain_s": plain_s, "fused_s": fused_s}
 
 
 def kernel_table(engine: Engine, request: Request) -> str:
