@@ -165,6 +165,27 @@ def test_lookahead_changes_no_token_and_runs_one_step_ahead(tiny):
         assert cache.get_seq_length() == batch["input_ids"].shape[1] + 2 + lookahead
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_generated_tokens_join_the_history_of_the_repetition_controls(tiny, lookahead):
+    """Each token a step yields counts for the next steps' bans. The decoding step here always ranks the vocabulary
+    the same way, so without the bans every token after the first would be its first choice."""
+    ids = tiny.processor.tokenize_prompt(_prompt("Hi"))
+    batch = tiny.processor.pad([ids])
+    vocab = tiny.model.language_model.config.vocab_size
+
+    def same_ranking(model, token, *args):
+        decode_one_token(model, token, *args)  # the cache still grows step by step
+        return torch.linspace(1.0, 0.0, vocab).expand(len(token), vocab)
+
+    params = SamplingParams(max_new_tokens=12, no_repeat_ngram_size=1)
+    tokens = generate_tokens(
+        tiny.model, batch["input_ids"], batch["attention_mask"], params, decode=same_ranking, lookahead=lookahead
+    )
+    out = [int(t[0]) for t in tokens]
+    assert len(set(out)) == len(out) and not set(out) & set(ids)
+    assert out[1:] == [t for t in range(vocab) if t not in {*ids, out[0]}][:11]
+
+
 def test_compiled_engine_reuses_its_static_caches(tiny):
     """The compiled engine keeps one static cache per (rows, length) between requests (a new one makes CUDA graphs
     record again). A reused cache is zeroed and gives the dynamic cache's tokens; a stream started while another

@@ -134,7 +134,8 @@ def generate_tokens(
     decode: Callable = decode_one_token,
     lookahead: bool | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield `(B,)` next tokens, step by step, up to `params.max_new_tokens`; stop iterating to stop early.
+    """Yield `(B,)` next tokens (on the CPU), step by step, up to `params.max_new_tokens`; stop iterating to stop
+    early.
 
     Args:
         cache: a DynamicCache (default; may hold a reused prefix) or a StaticCache sized for prompt + new tokens.
@@ -159,9 +160,6 @@ def generate_tokens(
 
     def step(token: torch.Tensor) -> torch.Tensor:  # feed `token`, return the next logits
         nonlocal used
-        if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size:
-            for row, t in enumerate(token.tolist()):
-                history[row].append(t)
         full[:, used] = 1
         used += 1
         positions = full[:, :used].sum(-1, keepdim=True) - 1  # (B, 1)
@@ -169,12 +167,34 @@ def generate_tokens(
 
     for i in range(params.max_new_tokens):
         token = sample_next(logits, params, history, generators)
+        on_host, copied = _copy_to_host(token)
         more = i + 1 < params.max_new_tokens
         if more and lookahead:
             logits = step(token)
-        yield token
+        if copied is not None:
+            copied.synchronize()  # waits for the sampling only, not for the step queued after it
+        if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size:
+            for row, t in enumerate(on_host.tolist()):
+                history[row].append(t)
+        yield on_host
         if more and not lookahead:
             logits = step(token)
+
+
+def _copy_to_host(token: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying `(B,)` sampled tokens to the host; -> the host tensor and, on CUDA, the event to wait for.
+
+    The copy goes to pinned memory, queued right after the sampling. A caller's `.tolist()` of the CUDA tensor would
+    copy in the stream's order, after the step that lookahead queued: it waited for that step too, and the GPU then
+    idled while the host queued the next one. For the 7B shape on an H100 the loop ran 0.6 ms a step (9 %) behind
+    its compiled step replayed back to back; with this copy it runs at the replay's speed (README, Performance).
+    """
+    if token.device.type != "cuda":
+        return token, None
+    on_host = token.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return on_host, copied
 
 
 def static_cache(model: OwlForConditionalGeneration, max_len: int) -> StaticCache:
