@@ -193,7 +193,7 @@ def _copy_to_host(token: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event |
         return token, None
     on_host = token.to("cpu", non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(token.device))  # the copy's stream: with `device_map`, the last GPU's
     return on_host, copied
 
 
