@@ -36,6 +36,7 @@ from openowl.infer.engine import Engine, Request
 from openowl.infer.fuse import fuse_projections, unfuse_projections
 from openowl.infer.generate import generate_tokens
 from openowl.infer.kernels import kernel_choice, use_decode_kernels, use_stock_kernels
+from openowl.infer.prepare import prepare_for_inference
 from openowl.infer.sampling import SamplingParams
 from openowl.infer.session import ChatSession
 
@@ -319,7 +320,7 @@ def main() -> None:
     model = random_model(args.preset, dtype, device)
     processor, request = benchmark_request(model)
     result["lm_params_b"] = sum(p.numel() for p in model.language_model.parameters()) / 1e9
-    engine = Engine(model, processor, compile=args.compile)
+    engine = Engine(model, processor, step=prepare_for_inference(model, compile=args.compile))
     # Interleaved rounds, medians: drifts of a shared machine hit ours and the baseline alike.
     ours_runs, base_runs = [], []
     for _ in range(args.rounds):
@@ -352,14 +353,12 @@ def main() -> None:
         result["load_rss"] = load_rss(model)
     result["variants"] = {}
     for spec in filter(None, args.variants.split(",")):
-        from openowl.infer.quantize import quantize
-
         del engine, model  # a fresh model: quantization is in place, and compiling freezes a copy of the weights
         model = random_model(args.preset, dtype, device)
         options = spec.split("+")
-        for mode in set(options) - {"compile"}:
-            quantize(model, mode)
-        engine = Engine(model, processor, compile=args.compile or "compile" in options)
+        (mode,) = set(options) - {"compile"} or {None}
+        step = prepare_for_inference(model, quantize=mode, compile=args.compile or "compile" in options)
+        engine = Engine(model, processor, step=step)
         run = decode_run(engine, request, args.new_tokens)
         run["weight_gb"] = lm_bytes(model) / 1e9
         step_bytes = lm_bytes(model) + kv_bytes(model, run["prompt_len"] + args.new_tokens // 2)

@@ -25,7 +25,7 @@ from bench_inference import random_model, timed  # this folder is on sys.path wh
 
 from openowl import OwlForConditionalGeneration
 from openowl.train.config import OptimSection
-from openowl.train.policy import PARTS, POLICIES, apply_policy, backward_parts, store_frozen_linears
+from openowl.train.policy import MODEL_PARTS, POLICIES, apply_policy, backward_parts, store_frozen_linears
 from openowl.train.recipe import compile_layers, make_optimizer
 
 
@@ -49,7 +49,7 @@ def step_flops(model: OwlForConditionalGeneration, policy_name: str, batch: int,
     }
     through = backward_parts(policy)
     total = 0.0
-    for part in PARTS:
+    for part in MODEL_PARTS:
         work = params[part] * tokens[part]
         total += 2 * work  # forward
         if getattr(policy, part) == "full":

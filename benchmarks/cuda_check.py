@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from openowl import OwlForConditionalGeneration, OwlProcessor
-from openowl.infer.engine import Engine, Request, compiled_decode
+from openowl.infer.engine import Engine, Request
 from openowl.infer.generate import decode_one_token, prefill, static_cache
+from openowl.infer.prepare import compiled_decode, prepare_for_inference
 from openowl.infer.quantize import quantize
 from openowl.infer.sampling import SamplingParams
 
@@ -76,18 +77,18 @@ def main() -> int:
     images = {c["name"]: [FIXTURE / "images" / i for i in c["images"]] for c in manifest["image_cases"]}
     requests = [Request(c["prompt"], images[c["name"]]) for c in manifest["image_cases"]]
     params = SamplingParams(max_new_tokens=16)
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, step=prepare_for_inference(model))
     batch = [c.token_ids for c in engine.generate(requests, params)]
     alone = [engine.generate([r], params)[0].token_ids for r in requests]
     results["batch_equals_one_by_one_fp32"] = batch == alone
-    compiled = Engine(model, processor, compile=True)
+    compiled = Engine(model, processor, step=prepare_for_inference(model, compile=True))
     results["compiled_equals_eager_fp32"] = [c.token_ids for c in compiled.generate(requests, params)] == batch
     for name in CASES:  # the engines fused the projections (infer/fuse.py): the upstream tokens still
         results[f"fused_greedy_{name}"] = fixture_case(name)[3]
 
     for dtype in (torch.bfloat16, torch.float16):
         half = OwlForConditionalGeneration.from_pretrained(FIXTURE / "checkpoint", dtype=dtype, device=device)
-        half_engine = Engine(half, processor)
+        half_engine = Engine(half, processor, step=prepare_for_inference(half))
         text = half_engine.generate(requests[:2], params)
         results[f"generates_{str(dtype)[6:]}"] = all(len(c.token_ids) > 0 for c in text)
         if dtype == torch.bfloat16:
@@ -108,7 +109,7 @@ def main() -> int:
                 cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
                 results[f"{mode}_{str(dtype)[6:]}_cosine"] = cos
                 if mode == "int8" and dtype == torch.bfloat16:
-                    step_cos = compiled_step_cosine(Engine(q, processor), requests[1])
+                    step_cos = compiled_step_cosine(Engine(q, processor, step=prepare_for_inference(q)), requests[1])
                     results["int8_bf16_compiled_step_cosine"] = step_cos
                     results["int8_bf16_compiled_step_close"] = step_cos > 0.999
             except Exception as err:  # report, don't hide

@@ -39,7 +39,8 @@ from bench_inference import (  # noqa: E402
 import openowl.infer.engine as engine_module  # noqa: E402
 from openowl.infer.engine import Engine, Request  # noqa: E402
 from openowl.infer.fuse import fuse_projections  # noqa: E402
-from openowl.infer.generate import generate_tokens  # noqa: E402
+from openowl.infer.generate import DecodeStep, generate_tokens  # noqa: E402
+from openowl.infer.prepare import prepare_for_inference  # noqa: E402
 from openowl.infer.sampling import SamplingParams  # noqa: E402
 
 
@@ -129,7 +130,7 @@ def main() -> None:
             print(f"matmuls alone ({key[:-2]}): {floor[key] * 1e3:.2f} ms, {gbps:.0f} GB/s, "
                   f"{gbps * 1e9 / bandwidth:.0%} of bandwidth", flush=True)  # fmt: skip
     if "eager" in parts:
-        engine = Engine(model, processor)
+        engine = Engine(model, processor, step=prepare_for_inference(model))
         out["eager_kernels"] = kernel_table(engine, request)
         print(out["eager_kernels"], flush=True)
     if "compiled" in parts:
@@ -139,14 +140,13 @@ def main() -> None:
 
 def compiled_loop(model, processor, request: Request, new_tokens: int, bandwidth: float) -> dict:
     """The compiled engine's loop with and without lookahead, and its step replayed back to back."""
-    engine = Engine(model, processor, compile=True)
-    compiled, last = engine._decode, {}
+    compiled, last = prepare_for_inference(model, compile=True).run, {}
 
     def recording(*a):
         last["args"] = a
         return compiled(*a)
 
-    engine._decode = recording
+    engine = Engine(model, processor, step=DecodeStep(recording, static_cache=True))
     start = time.perf_counter()
     prompt_len = decode_run(engine, request, new_tokens, repeat=1)["prompt_len"]
     result = {"first_run_s": time.perf_counter() - start}

@@ -1,6 +1,6 @@
-"""Checkpoint I/O: find a checkpoint (folder or hub id), read `pytorch_model*.bin` (always `weights_only`) or
-`*.safetensors`, single or sharded, check every key and shape before anything is loaded, and save sharded
-safetensors atomically.
+"""Checkpoint I/O on a local folder: read `pytorch_model*.bin` (always `weights_only`) or `*.safetensors`, single
+or sharded, check every key and shape before anything is loaded, and save sharded safetensors atomically.
+(Finding the folder of a name, a hub id or a built-in model, is `openowl.loading`'s job.)
 
 Loading never holds two copies of the weights: the model is built without storage (parameters on the `meta`
 device), files are memory-mapped, and each tensor is cast straight into its parameter, one file at a time.
@@ -24,6 +24,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from openowl.config import OwlConfig
+from openowl.constants import as_dtype
+from openowl.files import replace
 from openowl.model.owl import OwlForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -34,56 +36,13 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 ABSTRACTOR_MLP_KEY = "abstractor.encoder.layers.0.crossattention.output.mlp.w1.weight"
 TEMPORAL_DOWN_KEY = "vision_model.encoder.layers.0.temporal.down_proj.weight"
-HUB_FILES = ["*.json", "*.model", "*.safetensors", "*.bin", "*.txt", "*.jinja"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be loaded as it is: the message names the file and the key."""
 
 
-# --- locating a checkpoint -----------------------------------------------------------------------
-
-
-def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Path:
-    """A local folder, a built-in model (`owl-small`, `owl-small-base`: assembled once into the openowl cache), or
-    a hub id downloaded (once) into the hub cache.
-
-    Raises:
-        FileNotFoundError: for a local path that doesn't exist or isn't a checkpoint folder.
-        OSError: when a hub id can't be fetched (offline, unknown repo), saying what to do instead.
-        MissingPartError: a built-in model whose parts' packages are not installed, saying what to install.
-    """
-    from openowl import owl_small
-
-    path = Path(path_or_id).expanduser()
-    if str(path_or_id) in owl_small.BUILTIN_MODELS and not path.exists():
-        return owl_small.resolve(str(path_or_id))
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint folder (expected a folder with config.json)")
-        return path
-    name = str(path_or_id)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise FileNotFoundError(f"{name}: no such checkpoint folder (and not a hub id of the form owner/name)")
-    return _download(name, revision)
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import list_repo_files, snapshot_download
-
-    patterns = HUB_FILES
-    try:  # fetch one weight format: safetensors where the repo has them
-        if any(name.endswith(".safetensors") for name in list_repo_files(repo_id, revision=revision)):
-            patterns = [p for p in HUB_FILES if p != "*.bin"]
-    except Exception:  # offline or unlisted: snapshot_download below says what is wrong, or uses the cache
-        pass
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as err:  # the hub client raises many types: offline, 404, gated, HTTP errors
-        raise OSError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            "Check the network (or HF_HUB_OFFLINE), or download the checkpoint and pass its local folder."
-        ) from err
+# --- the files of a checkpoint -------------------------------------------------------------------
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -194,7 +153,8 @@ def reconcile_config(config: OwlConfig, index: dict[str, TensorInfo]) -> OwlConf
     """Let the weights decide what upstream configs get wrong or don't say.
 
     The abstractor MLP width is read from the weights (released image configs and the video config disagree
-    with their tensors: 2816 vs 4096, SPEC §4); the video modules exist when their tensors do.
+    with their tensors: 2816 vs 4096, docs/upstream.md, Abstractor MLP width); the video modules exist when their
+    tensors do.
     """
     if ABSTRACTOR_MLP_KEY in index:
         width = index[ABSTRACTOR_MLP_KEY].shape[0]
@@ -265,21 +225,10 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
-LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    name = str(dtype).removeprefix("torch.")
-    if name not in LOAD_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r} (use float32, bfloat16 or float16)")
-    return LOAD_DTYPES[name]
-
-
 def load_model(
-    path_or_id: str | Path,
+    folder: str | Path,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
-    revision: str | None = None,
     device_map: str | dict[str, str | int] | None = None,
     max_memory: dict[str | int, str | int] | None = None,
 ) -> OwlForConditionalGeneration:
@@ -294,8 +243,8 @@ def load_model(
     Raises:
         CheckpointError: a damaged file, an unknown model_type, or tensors that don't fit the model.
     """
-    dtype = _as_dtype(dtype)
-    folder = resolve_checkpoint(path_or_id, revision)
+    dtype = as_dtype(dtype)
+    folder = checkpoint_folder(folder)
     try:
         config = OwlConfig.from_json_file(folder / "config.json")
     except ValueError as err:
@@ -359,7 +308,7 @@ def save_model(model: OwlForConditionalGeneration, folder: str | Path, max_shard
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: _owning(v.detach().contiguous()) for k, v in model.state_dict().items()}
+    state = {k: storable(v) for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, safe_serialization=True)
         model.config.to_json_file(Path(tmp) / "config.json")
@@ -369,16 +318,27 @@ def save_model(model: OwlForConditionalGeneration, folder: str | Path, max_shard
                 stale.unlink()
         (folder / SAFE_INDEX).unlink(missing_ok=True)
         for name in written:
-            _fsync(Path(tmp) / name)
-            os.replace(Path(tmp) / name, folder / name)
+            replace(Path(tmp) / name, folder / name)
 
 
-def _owning(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of a tensor that is a slice of a larger buffer (DeepSpeed's ZeRO keeps weights in flat ones), which
-    safetensors refuses to write; the tensor itself otherwise."""
+def storable(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor as a weight file can hold it: detached, on the CPU, contiguous, floating point in `dtype` (when
+    given), and copied when it is a view of a larger buffer (DeepSpeed's ZeRO keeps weights in flat ones), which
+    safetensors refuses to write and `torch.save` would write whole."""
+    tensor = tensor.detach().cpu()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    tensor = tensor.contiguous()
     return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+def checkpoint_folder(folder: str | Path) -> Path:
+    """`folder` itself, once it is known to be a checkpoint folder.
+
+    Raises:
+        FileNotFoundError: a path that doesn't exist, or a folder without `config.json`.
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (expected a folder with config.json)")
+    return path

@@ -25,17 +25,9 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
+from openowl.constants import CLIP_MEAN, CLIP_STD, IMAGE_PLACEHOLDER_ID, IMAGE_TAG, VIDEO_PLACEHOLDER_ID, VIDEO_TAG
+from openowl.prompts import PROMPT_FORMATS, build_prompt, chat_template_prompt
 
-IMAGE_TAG = "<image>"
-VIDEO_TAG = "<|video|>"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PROMPT_FORMATS = ("mplug-owl", "chat-template")
-DEFAULT_SYSTEM = (
-    "The following is a conversation between a curious human and AI assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 _LLAMA_TOKENIZER_CLASSES = {"MplugOwlTokenizer", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaSentencePieceTokenizer"}
 _TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 
@@ -129,9 +121,14 @@ class OwlProcessor:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, revision: str | None = None) -> OwlProcessor:
-        from openowl.checkpoint import resolve_checkpoint
+        """The processor of a checkpoint folder, a built-in model or a hub id (resolved by `openowl.loading`)."""
+        from openowl import loading  # the processor's one edge into the loader
 
-        folder = resolve_checkpoint(path_or_id, revision)
+        return loading.load_processor(path_or_id, revision)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> OwlProcessor:
+        """The processor saved in a local checkpoint folder."""
         config = _read_json(folder / "preprocessor_config.json")
         size = config.get("size", {}).get("shortest_edge") or config.get("resolution") or 224
         model_config = _read_json(folder / "config.json")
@@ -277,70 +274,22 @@ class OwlProcessor:
         return after[cut:]
 
 
-def build_prompt(
-    messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, system: str | None = None
-) -> str:
-    """The upstream template: a system line, then one `Human: ` line per image, video or text, `AI: ` answers.
-
-    Messages are `{"role": "system" | "user" | "assistant", "content": str | list of parts}`, parts being
-    `{"type": "image"}`, `{"type": "video"}` or `{"type": "text", "text": ...}` (the transformers chat format).
-    A system message replaces the default system line. With `add_generation_prompt` the prompt ends in `AI: `.
-    """
-    lines = []
-    for message in messages:
-        role, parts = message.get("role"), _parts(message.get("content", ""))
-        if role == "system":
-            system = "".join(p["text"] for p in parts if p["type"] == "text")
-        elif role == "user":
-            for part in parts:
-                kind = part.get("type")
-                if kind not in ("image", "video", "text"):
-                    raise ValueError(f"unknown content part type {kind!r} (expected image, video or text)")
-                body = {"image": IMAGE_TAG, "video": VIDEO_TAG}.get(kind) or part["text"]
-                lines.append(f"Human: {body}")
-        elif role == "assistant":
-            lines.append("AI: " + "".join(p["text"] for p in parts if p["type"] == "text"))
-        else:
-            raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
-    prompt = "\n".join([DEFAULT_SYSTEM if system is None else system, *lines])
-    return prompt + "\nAI: " if add_generation_prompt else prompt
-
-
-def chat_template_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[dict[str, Any]],
-    add_generation_prompt: bool = True,
-    system: str | None = None,
-) -> str:
-    """A conversation through the tokenizer's own chat template. A user message's images and videos become their
-    tags, each on its own line before the message's text (as LLaVA writes them); `system` adds a system message
-    (without one, the template's default applies).
-    """
-    converted = [] if system is None else [{"role": "system", "content": system}]
-    for message in messages:
-        role, parts = message.get("role"), _parts(message.get("content", ""))
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
-        pieces = []
-        for part in parts:
-            kind = part.get("type")
-            if kind not in ("image", "video", "text"):
-                raise ValueError(f"unknown content part type {kind!r} (expected image, video or text)")
-            pieces.append({"image": IMAGE_TAG, "video": VIDEO_TAG}.get(kind) or part["text"])
-        converted.append({"role": role, "content": "\n".join(pieces)})
-    return tokenizer.apply_chat_template(converted, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _parts(content: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-
-
 def check_media_count(texts: Sequence[str], num_images: int, num_videos: int) -> None:
     """Raises ValueError unless the prompts hold as many `<image>` / `<|video|>` tags as media are given."""
+    problem = media_count_mismatch(texts, num_images, num_videos)
+    if problem:
+        raise ValueError(f"the prompts contain {problem} were given")
+
+
+def media_count_mismatch(texts: Sequence[str], num_images: int, num_videos: int | None = None) -> str | None:
+    """None when the texts hold as many `<image>` tags as `num_images` (and `<|video|>` tags as `num_videos`,
+    unless None: not checked), else what differs, e.g. "2 <image> tag(s) but 1 image(s)". Inference raises it
+    (`check_media_count`); training skips the sample with it."""
     for tag, given, kind in ((IMAGE_TAG, num_images, "image"), (VIDEO_TAG, num_videos, "video")):
         tags = sum(t.count(tag) for t in texts)
-        if tags != given:
-            raise ValueError(f"the prompts contain {tags} {tag} tag(s) but {given} {kind}(s) were given")
+        if given is not None and tags != given:
+            return f"{tags} {tag} tag(s) but {given} {kind}(s)"
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

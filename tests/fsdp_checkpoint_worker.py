@@ -1,6 +1,7 @@
 """Run by `torchrun --nproc-per-node 2` from test_train_recipe.py: FSDP2 (torch's `fully_shard`, gloo, CPU) with the
-recipe's checkpoint helpers. Trains 2 steps, checkpoints, trains 2 more; a second sharded model restored from the
-checkpoint trains the same 2 steps. The main process writes both runs' final weights to OUT."""
+recipe's checkpoint helpers (`train/distributed.py`). Trains 2 steps, checkpoints, trains 2 more; a second sharded
+model restored from the checkpoint trains the same 2 steps. The main process writes both runs' final weights to
+OUT."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from torch.distributed.fsdp import fully_shard
 
 from openowl import OwlForConditionalGeneration
 from openowl.train.config import OptimSection
-from openowl.train.policy import POLICIES, apply_policy
-from openowl.train.recipe import (
+from openowl.train.distributed import (
     full_optimizer_state,
     full_trainable_state,
     load_optimizer_state,
     load_trainable_state,
-    make_optimizer,
 )
+from openowl.train.policy import POLICIES, apply_policy
+from openowl.train.recipe import make_optimizer
 
 
 def sharded_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

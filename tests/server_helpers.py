@@ -12,7 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from openowl.infer.engine import Engine
-from openowl.serve.api import create_app
+from openowl.serve.app import create_app
 from openowl.serve.config import ServeConfig
 
 

@@ -18,6 +18,7 @@ from openowl.infer.engine import Detokenizer, Engine, Request
 from openowl.infer.fuse import FusedLlamaAttention
 from openowl.infer.generate import (
     ChunkedLayer,
+    DecodeStep,
     decode_one_token,
     forward_step,
     generate_tokens,
@@ -25,11 +26,13 @@ from openowl.infer.generate import (
     prefill,
     static_cache,
 )
+from openowl.infer.prepare import prepare_for_inference
 from openowl.infer.quantize import Int8WeightOnlyLinear
 from openowl.infer.sampling import SamplingParams, apply_repetition_penalty, banned_ngram_tokens, sample_next
 from openowl.infer.session import ChatSession
 
 GREEDY = SamplingParams(max_new_tokens=10)
+STATIC_EAGER = DecodeStep(decode_one_token, static_cache=True)  # a compiled step's static caches, without compiling
 UNICODE_TEXT = "Voilà, c'est très élégant — 这是猫头鹰 🦉! Ça  va ?\nOui 🦉🦉 fin."
 
 
@@ -50,7 +53,7 @@ def _requests() -> list[Request]:
 
 @pytest.fixture(scope="module")
 def engine(model, processor) -> Engine:
-    return Engine(model, processor)
+    return Engine(model, processor, step=prepare_for_inference(model))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def tiny(processor) -> Engine:
     tiny_processor = OwlProcessor(
         processor.tokenizer, image_size=config.vision.image_size, num_visual_tokens=config.num_visual_tokens
     )
-    return Engine(model, tiny_processor)
+    return Engine(model, tiny_processor, step=prepare_for_inference(model))
 
 
 # --- batching ------------------------------------------------------------------------------------
@@ -193,8 +196,7 @@ def test_compiled_engine_reuses_its_static_caches(tiny):
     requests = _requests()
     params = SamplingParams(max_new_tokens=5)
     expected = [t.tolist() for t in tiny.token_stream(requests, params)[0]]
-    engine = Engine(copy.deepcopy(tiny.model), tiny.processor, compile=True)
-    engine._decode = decode_one_token  # the static-cache path, without compiling
+    engine = Engine(copy.deepcopy(tiny.model), tiny.processor, step=STATIC_EAGER)  # the static-cache path, uncompiled
     pool = engine.static_caches
     assert [t.tolist() for t in engine.token_stream(requests, params)[0]] == expected
     (key, cache), *others = pool._free.items()
@@ -531,6 +533,32 @@ def test_chat_session_reuses_the_cache(engine):
     assert fresh == first and session.last_prefill_tokens == len(session.last_prompt_ids)
 
 
+def test_chat_session_decodes_with_the_engines_step_and_cache_pool(engine):
+    """A session runs its engine's decode step (the one a compiled engine compiled), and a step that wants static
+    caches gets one from the engine's pool for the whole conversation, given back on reset: the answers are those
+    of the eager step with its growing cache."""
+    params = SamplingParams(max_new_tokens=6)
+    eager = ChatSession(engine, params=params)
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return decode_one_token(*args)
+
+    static = Engine(engine.model, engine.processor, step=DecodeStep(counting, static_cache=True))
+    session = ChatSession(static, params=params, max_length=512)
+    assert session._cache is not None and not static.static_caches._free
+    for text, images in (("Describe this image.", [IMAGES / "image0.jpg"]), ("And what else?", [])):
+        assert _say(session, text, images=images) == _say(eager, text, images=images)
+    assert len(calls) == 2 * (params.max_new_tokens - 1)
+    borrowed = session._cache
+    session.reset()
+    assert session._cache is borrowed and not static.static_caches._free  # given back, then taken again, zeroed
+    assert session._cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match="512 positions"):
+        _say(session, "Hi " * 600)
+
+
 def test_chat_session_history_layout(engine):
     """Each answer is followed by EOS (as in upstream training data) and the next turn starts with "\nHuman:"."""
     params = SamplingParams(max_new_tokens=4)
@@ -640,7 +668,7 @@ def video_file(tmp_path_factory):
 
 
 def test_load_video_frames_picks_segment_centres(video_file):
-    from openowl.infer.video import load_video_frames, segment_centre_indices
+    from openowl.video import load_video_frames, segment_centre_indices
 
     indices = segment_centre_indices(len(FRAME_COLOURS), 4)
     assert indices == sorted(set(indices)) and len(indices) == 4
@@ -655,7 +683,7 @@ def test_load_video_frames_converts_only_the_chosen_frames(video_file, monkeypat
     """A long video must not be held in memory as one RGB image per frame."""
     import av
 
-    from openowl.infer.video import load_video_frames
+    from openowl.video import load_video_frames
 
     converted = []
     to_image = av.VideoFrame.to_image
@@ -671,7 +699,7 @@ def test_load_video_frames_converts_only_the_chosen_frames(video_file, monkeypat
 
 def test_load_video_frames_short_video(tmp_path):
     pytest.importorskip("av")
-    from openowl.infer.video import load_video_frames
+    from openowl.video import load_video_frames
 
     path = _write_video(tmp_path / "short.mp4", FRAME_COLOURS[:3])
     frames = load_video_frames(path, num_frames=4, size=32)
@@ -680,7 +708,7 @@ def test_load_video_frames_short_video(tmp_path):
 
 
 def test_segment_centre_indices():
-    from openowl.infer.video import segment_centre_indices
+    from openowl.video import segment_centre_indices
 
     assert segment_centre_indices(20, 4) == [2, 7, 12, 16]
     assert segment_centre_indices(3, 4)[-1] <= 2  # never past the end
@@ -689,7 +717,7 @@ def test_segment_centre_indices():
 
 def test_load_video_frames_errors(tmp_path):
     pytest.importorskip("av")
-    from openowl.infer.video import load_video_frames
+    from openowl.video import load_video_frames
 
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         load_video_frames(tmp_path / "missing.mp4")
@@ -703,7 +731,7 @@ def test_load_video_frames_errors(tmp_path):
 
 
 def test_video_turn_in_a_chat_session(video_model, video_file):
-    from openowl.infer.video import load_video_frames
+    from openowl.video import load_video_frames
 
     video_processor = OwlProcessor.from_pretrained(VIDEO_CHECKPOINT)
     engine = Engine(video_model, video_processor)
@@ -812,18 +840,20 @@ def test_int8_product_sum_is_the_dequantized_product(rows):
     )
 
 
-def test_engine_puts_the_decode_kernels_in_for_eager_decoding_only(tiny):
+def test_preparing_puts_the_decode_kernels_in_for_eager_decoding_only(tiny):
     from openowl.infer.kernels import ATTENTION, DecodeLinear, cpu_kernels
 
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
     lm = model.language_model
-    Engine(model, tiny.processor)
+    Engine(model, tiny.processor)  # the engine itself changes nothing
+    assert not any(type(m) is DecodeLinear for m in lm.modules())
+    prepare_for_inference(model)
     linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 9 * lm.config.num_hidden_layers + 1  # 7 projections, fused q/k/v and gate/up, the head
     assert all(type(m) is DecodeLinear for m in linears)
     assert lm.config._attn_implementation == (ATTENTION if cpu_kernels() else "sdpa")
     assert not any(isinstance(m, DecodeLinear) for m in model.vision_model.modules())
-    Engine(model, tiny.processor, compile=True)  # under torch.compile: inductor's GEMMs and PyTorch's attention
+    prepare_for_inference(model, compile=True)  # under torch.compile: inductor's GEMMs and PyTorch's attention
     assert all(type(m) is torch.nn.Linear for m in linears) and lm.config._attn_implementation == "sdpa"
     assert tiny.model.language_model.config._attn_implementation == "sdpa"  # float32: nothing to gain
 
@@ -835,7 +865,7 @@ def test_compiled_cpu_decoding_runs_inductors_gemms_on_frozen_weights(tiny, mode
     computes the logits of the eager step."""
     from torch._dynamo.utils import counters
 
-    from openowl.infer.engine import compiled_decode
+    from openowl.infer.prepare import compiled_decode
 
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
     if mode == "int8":
@@ -844,7 +874,8 @@ def test_compiled_cpu_decoding_runs_inductors_gemms_on_frozen_weights(tiny, mode
 
         quantize(model, "int8")
     batch = tiny.processor.pad([tiny.processor.tokenize_prompt(_prompt("Describe this image.", 1))])
-    features = Engine(model, tiny.processor, compile=True).image_features([IMAGES / "image0.jpg"])  # plain Linears
+    prepare_for_inference(model, compile=True)  # plain Linears
+    features = Engine(model, tiny.processor).image_features([IMAGES / "image0.jpg"])
     cache = static_cache(model, 128)
     with torch.no_grad():
         logits, mask = prefill(model, batch["input_ids"], batch["attention_mask"], cache, features)

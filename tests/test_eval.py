@@ -13,13 +13,23 @@ from conftest import CHECKPOINT, IMAGES
 from PIL import Image
 
 from openowl.cli import main
-from openowl.eval import hub, metrics, owleval, results, runner, tasks
+from openowl.eval import hub, jsonl_task, metrics, owleval, owleval_data, results, runner, tasks
+from openowl.eval.items import Item
 from openowl.eval.likelihood import continuation_logprobs
 from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
+from openowl.prompts import user_message
 
 MODEL = ["--model", str(CHECKPOINT)]
 PARAMS = SamplingParams(max_new_tokens=4)
+OWLEVAL = Path(__file__).parent / "fixtures" / "owleval"  # a copy of upstream's OwlEval folder
+
+
+@pytest.fixture(autouse=True)
+def owleval_copy(monkeypatch, tmp_path):
+    """OwlEval from the tests' copy; a download, should any test ask for one, reads a folder that isn't there."""
+    monkeypatch.setenv("OPENOWL_OWLEVAL", str(OWLEVAL))
+    monkeypatch.setattr(owleval_data, "OWLEVAL_URL", (tmp_path / "no-network").as_uri())
 
 
 @pytest.fixture(scope="module")
@@ -175,29 +185,29 @@ def test_jsonl_task_format(tmp_path):
     ]  # fmt: skip
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = tasks.load_jsonl(path)
+    items = jsonl_task.load_jsonl(path)
     assert [it.id for it in items] == ["mc", "2", "3"]
     assert items[0].images == [tmp_path / "pics" / "a.jpg"] and items[0].meta == {"category": "animals", "source": "x"}
     assert [it.answer_index for it in items] == [1, 2, 0]
     assert tasks.get_task(str(path)).metric == "choice"
-    yes_no = [tasks.Item("1", "q", answers=["Yes"]), tasks.Item("2", "q", answers=["no"])]
-    assert tasks.infer_metric(yes_no) == "yes-no"
-    assert tasks.infer_metric([tasks.Item("1", "q", answers=["2", "two", "2"])]) == "vqa"
-    assert tasks.infer_metric([tasks.Item("1", "q", answers=["red"])]) == "exact"
+    yes_no = [Item("1", "q", answers=["Yes"]), Item("2", "q", answers=["no"])]
+    assert jsonl_task.infer_metric(yes_no) == "yes-no"
+    assert jsonl_task.infer_metric([Item("1", "q", answers=["2", "two", "2"])]) == "vqa"
+    assert jsonl_task.infer_metric([Item("1", "q", answers=["red"])]) == "exact"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "answer": "Z"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        tasks.load_jsonl(bad)
+        jsonl_task.load_jsonl(bad)
     with pytest.raises(ValueError, match="unknown task"):
         tasks.get_task("no-such-task")
     # What a metric needs is checked before any model loads.
     exact = tasks.get_task(str(path), metric="exact")
     with pytest.raises(ValueError, match="item mc: the exact metric needs an answer"):
-        runner.make_units(exact, [tasks.Item("mc", "q")])
+        runner.make_units(exact, [Item("mc", "q")])
     with pytest.raises(ValueError, match="options"):
-        runner.make_units(tasks.get_task(str(path)), [tasks.Item("x", "q", answers=["a"])])
+        runner.make_units(tasks.get_task(str(path)), [Item("x", "q", answers=["a"])])
     with pytest.raises(ValueError, match="set_id"):
-        runner.make_units(tasks.get_task(str(path), metric="hallusion"), [tasks.Item("h", "q", answers=["yes"])])
+        runner.make_units(tasks.get_task(str(path), metric="hallusion"), [Item("h", "q", answers=["yes"])])
 
 
 def test_hub_row_converters_offline():
@@ -330,7 +340,7 @@ def test_owleval_end_to_end(tmp_path, monkeypatch):
                  "--output", str(tmp_path)]) == 0  # fmt: skip
     label = runner.model_label(str(CHECKPOINT))
     rows = _read(tmp_path / f"{label}_answer.jsonl")
-    questions = _read(tasks.owleval_dir() / "questions.jsonl")
+    questions = _read(owleval_data.owleval_dir() / "questions.jsonl")
     assert len(rows) == 82 and [r["question_id"] for r in rows] == list(range(1, 83))
     assert all(set(r) == {"image", "question_id", "question", "answer", "model_id"} for r in rows)
     assert [(r["image"], r["question"]) for r in rows] == [(q["image"], q["question"]) for q in questions]
@@ -386,6 +396,49 @@ def test_owleval_ratings_from_the_command_line(engine, tmp_path):
     )
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_owleval_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    """Without a folder given, OwlEval is downloaded on first use (here from a file:// copy that stands in for
+    upstream) into the openowl cache, and read from there afterwards."""
+    monkeypatch.delenv("OPENOWL_OWLEVAL")
+    monkeypatch.setenv("OPENOWL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(owleval_data, "OWLEVAL_URL", OWLEVAL.as_uri())
+    folder = owleval_data.owleval_dir()
+    assert folder.parent == tmp_path / "cache" and list(folder.parent.iterdir()) == [folder]  # no temporary left
+    upstream = {name: data for name, data in _files(OWLEVAL).items() if name != "README.md"}
+    assert _files(folder) == upstream and len(upstream) == 1 + 6 + 50
+    monkeypatch.setattr(owleval_data, "OWLEVAL_URL", (tmp_path / "unreachable").as_uri())
+    items = owleval_data.load_owleval()  # from the cache: nothing is downloaded again
+    assert len(items) == 82 and items[0].meta["path"] == folder / "cases" / "1.jpg"
+
+
+def test_owleval_download_cut_short_leaves_nothing(tmp_path):
+    def fails_on_an_image(url: str) -> bytes:
+        if "/cases/" in url:
+            raise ConnectionResetError("connection reset by peer")
+        return owleval_data.read_url(url)
+
+    with pytest.raises(RuntimeError, match="cases/.*connection reset"):
+        owleval_data.download_owleval(tmp_path / "owleval", OWLEVAL.as_uri(), fails_on_an_image)
+    assert list(tmp_path.iterdir()) == []  # the next run starts again
+
+
+def test_owleval_offline_error_is_clear(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENOWL_OWLEVAL")
+    monkeypatch.setenv("OPENOWL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("openowl.cli._engine", lambda args: pytest.fail("the model must not load"))
+    # OWLEVAL_URL (owleval_copy) names a folder that isn't there: out of reach, as upstream is on an offline machine
+    assert main(["eval", "owleval", *MODEL, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "OwlEval" in err and "could not be downloaded" in err and "--data" in err and "$OPENOWL_OWLEVAL" in err
+    assert list((tmp_path / "cache").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="--data"):
+        owleval_data.owleval_dir(str(tmp_path))  # a given folder that isn't OwlEval's
+
+
 def test_multiple_choice_generate_circular_and_likelihood(engine, tmp_path):
     rows = [{"id": f"q{i}", "image": str(IMAGES / f"image{i}.jpg"), "question": "What is shown?",
              "options": ["a cat", "a dog", "a car"], "answer": i, "category": "objects"} for i in range(3)]  # fmt: skip
@@ -429,8 +482,8 @@ def test_continuation_logprobs_match_a_full_forward(engine):
         logprobs = logits[0, :-1].log_softmax(-1)
         return sum(float(logprobs[len(ids) - 1 + k, t]) for k, t in enumerate(cont))
 
-    with_image = processor.apply_chat_template([runner.user_message("What is this?", 1, 0)])
-    text_only = processor.apply_chat_template([runner.user_message("Hi", 0, 0)])
+    with_image = processor.apply_chat_template([user_message("What is this?", 1, 0)])
+    text_only = processor.apply_chat_template([user_message("Hi", 0, 0)])
     rows = [(with_image, [IMAGES / "image1.jpg"], "a big red bus on a street"), (text_only, [], "hello")]
     batched = continuation_logprobs(engine, [Request(p, i) for p, i, _ in rows], [c for _, _, c in rows])
     for (prompt, images, continuation), (score, greedy) in zip(rows, batched, strict=True):
@@ -458,7 +511,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 def test_report_tallies_ratings_in_the_browser(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    items = [it for it in tasks.load_owleval() if it.id in ("1", "15", "16")]
+    items = [it for it in owleval_data.load_owleval() if it.id in ("1", "15", "16")]
     answers = {"ours": {1: "one", 15: "fifteen", 16: "sixteen"}, "them": {1: "uno", 15: "quince", 16: "dieciseis"}}
     path = tmp_path / "report.html"
     path.write_text(owleval.render_report(items, answers))

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from openowl import OwlConfig, OwlForConditionalGeneration, get_preset
 from openowl.config import PRESETS
-from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID, PreAppliedLayerNorm
+from openowl.constants import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
+from openowl.model.owl import PreAppliedLayerNorm
 
 NV = 65  # visual tokens per image / video in the tiny presets (64 queries + vit_eos)
 SIZE = 56  # the tiny presets' image size
@@ -457,7 +458,7 @@ def _count(config: OwlConfig) -> int:
 
 
 def test_7b_parameter_counts():
-    """SPEC §3.3: 7,123,068,928 parameters; §3.2: the video checkpoint adds 29.56 M temporal parameters."""
+    """docs/upstream.md, Parameter counts: 7,123,068,928 parameters; Video checkpoint: 29.56 M temporal ones more."""
     image = _count(get_preset("mplug-owl-7b"))
     assert image == 7_123_068_928
     video = _count(get_preset("mplug-owl-7b-video"))

@@ -16,8 +16,12 @@ import pytest
 import torch
 
 from openowl import owl_small
+from openowl.constants import IMAGENET_MEAN
+from openowl.data import easy_vqa as easy_vqa_data
 from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
+from openowl.owl_small import assemble, pretrained
+from openowl.owl_small.pack import pack
 from openowl.processing import load_image
 
 PHOTO = Path(__file__).parent / "fixtures" / "parity-v1" / "images" / "image0.jpg"
@@ -27,14 +31,14 @@ GREEDY = SamplingParams(max_new_tokens=24)
 @pytest.fixture(scope="module")
 def base():
     """The pretrained parts joined by the untrained abstractor (built in memory from the installed packages)."""
-    return owl_small.build_base()
+    return assemble.build_base()
 
 
 @pytest.fixture(scope="module")
 def trained(base):
     model, processor = base
     model = copy.deepcopy(model)
-    owl_small.apply_trained(model, owl_small.TRAINED_WEIGHTS, owl_small.TRAINED_SHA256)
+    assemble.apply_trained(model, assemble.TRAINED_WEIGHTS, assemble.TRAINED_SHA256)
     return model.eval(), processor
 
 
@@ -51,7 +55,7 @@ def test_dinov2_part_matches_onnxruntime_on_a_real_photo(base):
     import onnxruntime
 
     model, processor = base
-    graph = onnx.load(str(owl_small.part_file("vision")))
+    graph = onnx.load(str(pretrained.part_file("vision")))
     backbone_out = "/backbone/layernorm/Add_1_output_0"  # the backbone's final LayerNorm, before the saliency head
     graph.graph.output.append(onnx.helper.make_tensor_value_info(backbone_out, onnx.TensorProto.FLOAT, None))
     session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -66,9 +70,9 @@ def test_dinov2_part_matches_onnxruntime_on_a_real_photo(base):
 def test_gguf_part_equals_transformers_own_gguf_loader():
     from transformers import AutoModelForCausalLM
 
-    from openowl.parts import llama_from_gguf
+    from openowl.convert import llama_from_gguf
 
-    path = owl_small.part_file("language")
+    path = pretrained.part_file("language")
     config, state = llama_from_gguf(path)
     theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).state_dict()
     assert config["num_key_value_heads"] == 3 and config["tie_word_embeddings"]
@@ -82,16 +86,16 @@ def test_built_checkpoint_loads_strictly_and_is_cached(base, tmp_path, monkeypat
     from openowl.checkpoint import CheckpointError
 
     monkeypatch.setenv("OPENOWL_CACHE", str(tmp_path))
-    monkeypatch.setattr(owl_small, "build_base", lambda: base)
+    monkeypatch.setattr(assemble, "build_base", lambda: base)
     folder = owl_small.resolve(owl_small.BASE_NAME)
     assert folder.parent == tmp_path and (folder / "config.json").is_file()
     model = OwlForConditionalGeneration.from_pretrained(owl_small.BASE_NAME)  # every key and shape checked
     for (name, ours), (_, original) in zip(model.state_dict().items(), base[0].state_dict().items(), strict=True):
         assert torch.equal(ours, original), name
     processor = OwlProcessor.from_pretrained(folder)
-    assert processor.prompt_format == "chat-template" and processor.image_mean == owl_small.IMAGENET_MEAN
+    assert processor.prompt_format == "chat-template" and processor.image_mean == IMAGENET_MEAN
 
-    monkeypatch.setattr(owl_small, "build_base", lambda: pytest.fail("a cached model was rebuilt"))
+    monkeypatch.setattr(assemble, "build_base", lambda: pytest.fail("a cached model was rebuilt"))
     assert owl_small.resolve(owl_small.BASE_NAME) == folder
 
     # A checkpoint missing a key of the abstractor is refused by name, not loaded half-initialised.
@@ -144,13 +148,13 @@ def test_chat_template_prompt_and_turn_continuation(base):
 
 
 def test_training_tokenization_matches_the_inference_prompt(base):
-    from openowl.train.data import llava_to_text, tokenize_chat_conversation
+    from openowl.train.data import llava_messages, tokenize_chat_conversation
 
     _, processor = base
-    text = llava_to_text(
+    messages = llava_messages(
         [{"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "teal"}]
     )
-    tokens = tokenize_chat_conversation(text, processor, max_length=128)
+    tokens = tokenize_chat_conversation(messages, processor, max_length=128)
     prompt_ids = processor.tokenize_prompt(_user(processor, "what color is the shape?", images=1))
     answer_ids = processor.tokenizer("teal<|im_end|>", add_special_tokens=False)["input_ids"]
     n = len(prompt_ids)
@@ -159,14 +163,14 @@ def test_training_tokenization_matches_the_inference_prompt(base):
     supervised = [i for i in tokens.labels.tolist() if i >= 0]
     assert supervised == answer_ids and tokens.num_images == 1
 
-    cut = tokenize_chat_conversation(text, processor, max_length=30)  # the image block would be cut: dropped
+    cut = tokenize_chat_conversation(messages, processor, max_length=30)  # the image block would be cut: dropped
     assert cut.num_images == 0 and -1 not in cut.input_ids.tolist()
 
 
 def test_training_data_follows_the_questions(tmp_path):
     import easy_vqa
 
-    counts = owl_small.write_training_data(tmp_path)
+    counts = easy_vqa_data.write_training_data(tmp_path)
     captions = [json.loads(line) for line in (tmp_path / "captions_train.jsonl").read_text().splitlines()]
     assert counts["captions"] == len(captions) == 4000
     assert counts["questions"] == len((tmp_path / "questions_train.jsonl").read_text().splitlines()) == 38575
@@ -178,14 +182,14 @@ def test_training_data_follows_the_questions(tmp_path):
             assert answer in by_id[image].split(), (text, answer, by_id[image])
         negated = " not " in f" {text} " or text.startswith("is no ")
         for word in re.findall(r"[a-z]+", text):
-            if word in owl_small.SHAPES + colours:
+            if word in easy_vqa_data.SHAPES + colours:
                 present = (answer == "yes") != negated
                 if answer in ("yes", "no") and not present:
                     assert word not in by_id[image].split(), (text, answer, by_id[image])
 
     # Stage 2b: the split's open questions, and 6 generated yes/no questions per fully known image whose answers
     # follow the image (its caption) and can't be told from the question: half about what it shows.
-    attribute = re.compile(rf"\b({'|'.join(owl_small.SHAPES + colours)})\b")
+    attribute = re.compile(rf"\b({'|'.join(easy_vqa_data.SHAPES + colours)})\b")
     wordings = {attribute.sub("X", t) for t in texts}
     paths = {str(path): n for n, path in easy_vqa.get_train_image_paths().items()}
     asked = collections.Counter()
@@ -197,11 +201,11 @@ def test_training_data_follows_the_questions(tmp_path):
             asked["open"] += 1
             continue
         caption = by_id[paths[sample["image"]]].split()
-        (word,) = [w for w in re.findall(r"[a-z]+", question) if w in owl_small.SHAPES + colours]
+        (word,) = [w for w in re.findall(r"[a-z]+", question) if w in easy_vqa_data.SHAPES + colours]
         negated = bool({"not", "no"} & set(re.findall(r"[a-z]+", question)))
         assert (answer == "yes") == ((word in caption) != negated), (question, answer, caption)
         asked[("shown" if word in caption else "other", answer)] += 1
-    fully_known = sum(len(c.split()) == 3 and c.split()[2] in owl_small.SHAPES and c.split()[1] in colours
+    fully_known = sum(len(c.split()) == 3 and c.split()[2] in easy_vqa_data.SHAPES and c.split()[1] in colours
                       for c in by_id.values())  # fmt: skip
     assert asked["open"] == 10168 and asked.total() - asked["open"] == 6 * fully_known == 6 * 3542
     for kind in ("shown", "other"):  # balanced: about half each, both answers for each
@@ -233,13 +237,13 @@ def test_pack_joins_the_runs_lora_factors(tmp_path):
         expected += alpha / r * b @ a
         runs.append(export)
     target = tmp_path / "packed.safetensors"
-    digest = owl_small.pack(runs, target)
+    digest = pack(runs, target)
     merged = copy.deepcopy(model)
-    owl_small.apply_trained(merged, target, digest)
+    assemble.apply_trained(merged, target, digest)
     before, after = (dict(m.named_parameters())[layer + ".weight"].detach() for m in (model, merged))
     torch.testing.assert_close(after - before, expected, rtol=0.02, atol=0.05)  # factors stored in bfloat16
     with pytest.raises(ValueError, match="sha256"):
-        owl_small.apply_trained(merged, target, "0" * 64)
+        assemble.apply_trained(merged, target, "0" * 64)
 
 
 # --- the shipped model -------------------------------------------------------------------------------
@@ -247,13 +251,13 @@ def test_pack_joins_the_runs_lora_factors(tmp_path):
 
 def test_trained_weights_are_checked_against_their_checksum(base, tmp_path):
     damaged = tmp_path / "owl-small.safetensors"
-    data = bytearray(owl_small.TRAINED_WEIGHTS.read_bytes())
+    data = bytearray(assemble.TRAINED_WEIGHTS.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
     model = copy.deepcopy(base[0])
     with pytest.raises(ValueError, match="sha256"):
-        owl_small.apply_trained(model, damaged, owl_small.TRAINED_SHA256)
-    assert owl_small.TRAINED_WEIGHTS.stat().st_size <= 25_000_000
+        assemble.apply_trained(model, damaged, assemble.TRAINED_SHA256)
+    assert assemble.TRAINED_WEIGHTS.stat().st_size <= 25_000_000
 
 
 def test_owl_small_answers_easy_vqa_test_questions(trained):

@@ -7,6 +7,7 @@ import torch
 from conftest import IMAGES
 from PIL import Image
 
+from openowl.prompts import parse_prompt
 from openowl.train.data import tokenize_conversation
 
 IMAGE_CASES = ["text_only", "one_image", "two_images", "multi_turn", "unicode"]
@@ -81,10 +82,10 @@ def test_video_processor_and_generation(manifest, expected, processor, video_mod
 @pytest.mark.parametrize("name", ["train_image", "train_text"])
 def test_training_tokenization_and_loss(name, manifest, expected, processor, model):
     case = next(c for c in manifest["train_cases"] if c["name"] == name)
-    sample = tokenize_conversation(case["text"], processor.tokenizer, case["max_length"])
+    sample = tokenize_conversation(parse_prompt(case["text"]), processor.tokenizer, case["max_length"])
     assert torch.equal(sample.input_ids, expected[f"{name}.input_ids"][0])
-    for mask in ("non_padding_mask", "non_media_mask", "prompt_mask"):
-        assert torch.equal(getattr(sample, mask), expected[f"{name}.{mask}"][0]), mask
+    for mask, stored in (("non_padding_mask",) * 2, ("non_media_mask",) * 2, ("answer_mask", "prompt_mask")):
+        assert torch.equal(getattr(sample, mask), expected[f"{name}.{stored}"][0]), mask  # upstream's names
     assert sample.num_images == len(case["images"])
     pixels = expected.get(f"{name}.pixel_values")
     with torch.no_grad():

@@ -14,8 +14,8 @@ from conftest import CHECKPOINT
 from PIL import Image
 
 from openowl import build_prompt
-from openowl.model.owl import IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
-from openowl.processing import CLIP_MEAN, CLIP_STD, load_image
+from openowl.constants import CLIP_MEAN, CLIP_STD, IMAGE_PLACEHOLDER_ID, VIDEO_PLACEHOLDER_ID
+from openowl.processing import load_image
 
 SYSTEM = (
     "The following is a conversation between a curious human and AI assistant. The assistant gives helpful, "

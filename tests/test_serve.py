@@ -501,7 +501,7 @@ def test_video_data_uri_on_a_video_checkpoint(video_model, tmp_path):
     pytest.importorskip("av")
     from test_engine import _write_video
 
-    from openowl.infer.video import load_video_frames
+    from openowl.video import load_video_frames
 
     path = _write_video(tmp_path / "clip.mp4")
     engine = Engine(video_model, OwlProcessor.from_pretrained(VIDEO_CHECKPOINT))

@@ -12,15 +12,15 @@ import torch
 from conftest import IMAGES
 from PIL import Image
 
-from openowl.model.owl import IGNORE_INDEX
-from openowl.processing import DEFAULT_SYSTEM
+from openowl.constants import IGNORE_INDEX
+from openowl.prompts import DEFAULT_SYSTEM, build_prompt, parse_prompt, render_conversation
 from openowl.train.data import (
     LengthGroupedSampler,
     Sample,
     TrainDataset,
-    caption_to_text,
+    caption_messages,
     collate,
-    llava_to_text,
+    llava_messages,
     model_inputs,
     read_samples,
     tokenize_conversation,
@@ -49,6 +49,11 @@ def _convo(*lines: str) -> str:
     return "\n".join([DEFAULT_SYSTEM, *lines])
 
 
+def _text(messages) -> str:
+    """Messages as upstream's conversation text."""
+    return build_prompt(messages, add_generation_prompt=False)
+
+
 # --- readers -------------------------------------------------------------------------------------
 
 
@@ -66,7 +71,7 @@ def test_upstream_jsonl(tmp_path):
     )
     samples = read_samples(path)
     assert [s.id for s in samples] == ["1", "3", "x7"]
-    assert samples[0] == Sample("1", text, [tmp_path / "img" / "a.jpg"])
+    assert samples[0] == Sample("1", parse_prompt(text), [tmp_path / "img" / "a.jpg"])
     assert samples[1].images == []
     assert samples[2].images == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
     rooted = read_samples(path, image_root="/data", format="upstream")
@@ -80,14 +85,14 @@ def test_llava_conversion_exact():
         {"from": "human", "value": "What colour is it?"},
         {"from": "gpt", "value": "Brown and white."},
     ]
-    assert llava_to_text(conversations) == (
+    assert _text(llava_messages(conversations)) == (
         f"{DEFAULT_SYSTEM}\nHuman: <image>\nHuman: What is in the picture?\nAI: A small owl sitting on a branch.\n"
         "Human: What colour is it?\nAI: Brown and white."
     )
     tag_last = [{"from": "human", "value": "Describe it.\n<image>"}, {"from": "gpt", "value": "An owl."}]
-    assert llava_to_text(tag_last) == _convo("Human: <image>", "Human: Describe it.", "AI: An owl.")
+    assert _text(llava_messages(tag_last)) == _convo("Human: <image>", "Human: Describe it.", "AI: An owl.")
     two = [{"from": "human", "value": "<image>\n<image>"}, {"from": "gpt", "value": "Two owls."}]
-    assert llava_to_text(two) == _convo("Human: <image>", "Human: <image>", "AI: Two owls.")
+    assert _text(llava_messages(two)) == _convo("Human: <image>", "Human: <image>", "AI: Two owls.")
 
 
 def test_llava_files_json_and_jsonl(tmp_path, manifest):
@@ -105,18 +110,38 @@ def test_llava_files_json_and_jsonl(tmp_path, manifest):
     (tmp_path / "llava.json").write_text(json.dumps([record, text_only], indent=2))
     samples = read_samples(tmp_path / "llava.json", image_root=tmp_path / "images")
     assert samples[0] == Sample(
-        "000001", _train_case(manifest, "train_image")["text"], [tmp_path / "images/coco/owl.jpg"]
+        "000001", parse_prompt(_train_case(manifest, "train_image")["text"]), [tmp_path / "images/coco/owl.jpg"]
     )
-    assert samples[1] == Sample("1", _convo("Human: Hi", "AI: Hello"), [])
+    assert samples[1] == Sample("1", parse_prompt(_convo("Human: Hi", "AI: Hello")), [])
     jsonl = read_samples(_write_jsonl(tmp_path / "llava.jsonl", [record, text_only]))
-    assert [s.id for s in jsonl] == ["000001", "2"] and jsonl[0].text == samples[0].text
+    assert [s.id for s in jsonl] == ["000001", "2"] and jsonl[0].messages == samples[0].messages
 
 
 def test_caption_pairs(tmp_path):
     path = _write_jsonl(tmp_path / "captions.jsonl", [{"image": "a.jpg", "caption": "An owl on a branch. "}])
     (sample,) = read_samples(path)
-    assert sample == Sample("1", f"{DEFAULT_SYSTEM}\nHuman: <image>\nAI: An owl on a branch.", [tmp_path / "a.jpg"])
-    assert caption_to_text("An owl.") == _convo("Human: <image>", "AI: An owl.")
+    text = f"{DEFAULT_SYSTEM}\nHuman: <image>\nAI: An owl on a branch."
+    assert sample == Sample("1", parse_prompt(text), [tmp_path / "a.jpg"])
+    assert _text(caption_messages("An owl.")) == _convo("Human: <image>", "AI: An owl.")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _convo("Human: <image>", "Human: What is it?", "AI: An owl.", "Human: And?", "AI: Brown."),
+        "A system line of our own\nHuman: two\nlines\nAI: ",
+        "Human: <image>",  # no system line: the whole text is one
+    ],
+)
+def test_upstream_text_parses_into_messages_and_renders_back(text):
+    messages = parse_prompt(text)
+    assert _text(messages) == text
+    assert messages[0]["role"] == ("user" if text.startswith(DEFAULT_SYSTEM) else "system")
+    pieces = render_conversation(messages)
+    assert "".join(piece for piece, _ in pieces) == text
+    assert [piece for piece, answer in pieces if answer] == [
+        line[len("AI: ") :] for line in text.split("\n") if line.startswith("AI: ") and line != "AI: "
+    ]
 
 
 @pytest.mark.parametrize(
@@ -185,9 +210,13 @@ def test_train_transform_applies_its_params(processor):
 def _samples(manifest) -> list[Sample]:
     image, text = _train_case(manifest, "train_image"), _train_case(manifest, "train_text")
     return [
-        Sample("img", image["text"], [IMAGE0]),
-        Sample("txt", text["text"], []),
-        Sample("two", _convo("Human: <image>", "Human: <image>", "Human: Compare.", "AI: Same"), [str(IMAGE1), IMAGE2]),
+        Sample("img", parse_prompt(image["text"]), [IMAGE0]),
+        Sample("txt", parse_prompt(text["text"]), []),
+        Sample(
+            "two",
+            parse_prompt(_convo("Human: <image>", "Human: <image>", "Human: Compare.", "AI: Same")),
+            [str(IMAGE1), IMAGE2],
+        ),
     ]
 
 
@@ -199,7 +228,7 @@ def test_upstream_sample_matches_fixture_tokens(tmp_path, manifest, expected, pr
     samples = read_samples(path, image_root=IMAGES)
     dataset = TrainDataset(samples, processor, case["max_length"], train=False)
     item = dataset[0]
-    reference = tokenize_conversation(case["text"], processor.tokenizer, case["max_length"])
+    reference = tokenize_conversation(parse_prompt(case["text"]), processor.tokenizer, case["max_length"])
     n = len(item["input_ids"])
     assert n == reference.length == dataset.lengths[0] < case["max_length"] + 1
     assert torch.equal(item["input_ids"], expected["train_image.input_ids"][0][:n])
@@ -247,7 +276,8 @@ def test_mixed_batch_with_train_transform_and_text_only_batch(manifest, processo
 
 
 def test_train_pixels_deterministic_per_seed_epoch_index(manifest, processor):
-    samples = _samples(manifest) + [Sample("img-again", _train_case(manifest, "train_image")["text"], [IMAGE0])]
+    again = Sample("img-again", parse_prompt(_train_case(manifest, "train_image")["text"]), [IMAGE0])
+    samples = _samples(manifest) + [again]
     dataset = TrainDataset(samples, processor, 400, train=True, seed=7)
     first = dataset[0]["pixel_values"]
     assert first.shape == (1, 3, processor.image_size, processor.image_size) and first.dtype == torch.float32
@@ -268,7 +298,7 @@ def test_train_pixels_deterministic_per_seed_epoch_index(manifest, processor):
 def test_unsupervised_samples_dropped_with_one_warning(manifest, processor, caplog):
     long_question = "Please describe every feather of this owl in great detail. " * 8
     samples = _samples(manifest)[1:2] + [
-        Sample(f"long{i}", _convo(f"Human: {long_question}", "AI: It is brown."), []) for i in range(7)
+        Sample(f"long{i}", parse_prompt(_convo(f"Human: {long_question}", "AI: It is brown.")), []) for i in range(7)
     ]
     with caplog.at_level(logging.WARNING, logger="openowl.train.data"):
         dataset = TrainDataset(samples, processor, max_length=60)
@@ -285,7 +315,7 @@ def test_missing_and_corrupt_images_skipped_and_reported(tmp_path, manifest, pro
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"this is not a jpeg" * 10)
     missing = tmp_path / "missing.jpg"
-    one_image = _train_case(manifest, "train_image")["text"]
+    one_image = parse_prompt(_train_case(manifest, "train_image")["text"])
     samples = _samples(manifest) + [
         Sample("gone", one_image, [missing]),
         Sample("broken", one_image, [corrupt]),
@@ -310,7 +340,7 @@ def test_missing_and_corrupt_images_skipped_and_reported(tmp_path, manifest, pro
 def test_truncated_jpeg_caught_by_decode_check_else_raises_naming_the_sample(tmp_path, manifest, processor):
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(IMAGE0.read_bytes()[:5000])  # a valid header: verify() accepts it
-    samples = [Sample("cut-file", _train_case(manifest, "train_image")["text"], [truncated])]
+    samples = [Sample("cut-file", parse_prompt(_train_case(manifest, "train_image")["text"]), [truncated])]
     decoded = TrainDataset(samples, processor, 400, check_images="decode")
     assert len(decoded) == 0 and decoded.skipped[0][0] == "cut-file" and "truncated" in decoded.skipped[0][1]
     verified = TrainDataset(samples, processor, 400)
@@ -323,7 +353,7 @@ def test_truncated_jpeg_caught_by_decode_check_else_raises_naming_the_sample(tmp
 
 def test_image_dropped_by_truncation_drops_its_pixels(processor, model):
     text = _convo("Human: Hi", "AI: Hello there.", "Human: <image>", "Human: What is it?", "AI: An owl.")
-    dataset = TrainDataset([Sample("cut", text, [IMAGE0])], processor, max_length=60)
+    dataset = TrainDataset([Sample("cut", parse_prompt(text), [IMAGE0])], processor, max_length=60)
     item = dataset[0]
     assert len(item["input_ids"]) == 61 and (item["input_ids"] >= 0).all()
     assert item["pixel_values"].shape[0] == 0

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from openowl import OwlForConditionalGeneration, OwlProcessor
 from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
-from openowl.processing import DEFAULT_SYSTEM
+from openowl.prompts import DEFAULT_SYSTEM
 from openowl.train.config import load_config
 from openowl.train.recipe import TrainRecipe
 

@@ -15,24 +15,22 @@ from safetensors.torch import load_file
 
 from openowl import OwlForConditionalGeneration, get_preset
 from openowl.checkpoint import CheckpointError
+from openowl.model.lora import has_lora, merge_lora, merged_state_dict
 from openowl.train.export import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     load_adapter,
-    merge_lora,
-    merged_state_dict,
     save_adapter,
     save_upstream,
 )
 from openowl.train.policy import (
-    PARTS,
+    MODEL_PARTS,
     POLICIES,
     LoraSettings,
     TrainPolicy,
     apply_policy,
     backward_parts,
     get_policy,
-    has_lora,
     part_of,
     store_frozen_linears,
     trainable_parameters,
@@ -186,7 +184,7 @@ def test_presets_match_the_spec() -> None:
     assert (stage2.vision, stage2.abstractor, stage2.language_model) == ("frozen", "frozen", "lora")
     assert stage2.lora == LoraSettings(r=8, alpha=32, dropout=0.05, targets=("q_proj", "v_proj"))
     assert POLICIES["stage2-abstractor"].abstractor == "full"
-    assert backward_parts(POLICIES["stage1"]) == set(PARTS)  # through the frozen LLM to the abstractor
+    assert backward_parts(POLICIES["stage1"]) == set(MODEL_PARTS)  # through the frozen LLM to the abstractor
     assert backward_parts(POLICIES["stage2"]) == {"language_model"}
     assert backward_parts(POLICIES["stage2-abstractor"]) == {"abstractor", "language_model"}
 

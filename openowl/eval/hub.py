@@ -10,8 +10,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from openowl.eval.items import Item
 from openowl.eval.metrics import LETTERS
-from openowl.eval.tasks import Item
 
 
 def hub_rows(repo: str, config: str | None, split: str, data: str | None = None):

@@ -3,7 +3,8 @@
 lmms-eval (0.7) finds external models through the `lmms_eval.models` entry-point group; openowl's pyproject.toml
 declares `openowl = "openowl.eval.lmms_eval:model_manifest"`, so installing openowl is enough. `OpenOwl` answers
 lmms-eval's requests with openowl's engine: `generate_until` (batched, one batch per generation-settings group)
-and `loglikelihood` (continuation log-probabilities). Prompts are built by `processor.apply_chat_template`.
+and `loglikelihood` (continuation log-probabilities). Prompts are built by `processor.apply_chat_template`; the
+model is loaded by `infer.prepare.load_engine`, as `openowl generate` loads it.
 
 Without lmms-eval installed the class still imports (on a stand-in base with the same interface), so the same
 requests can be sent to it directly, as the tests do.
@@ -15,10 +16,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+from openowl.constants import IMAGE_TAG
 from openowl.eval.likelihood import continuation_logprobs
 from openowl.infer.engine import Engine, Request
+from openowl.infer.prepare import load_engine
 from openowl.infer.sampling import SamplingParams
-from openowl.processing import IMAGE_TAG
+from openowl.prompts import user_message
+from openowl.video import load_video_frames
 
 try:
     from lmms_eval.api.model import lmms as _Base
@@ -75,7 +81,7 @@ class OpenOwl(_Base):
         if engine is None:
             if pretrained is None:
                 raise ValueError("give pretrained=PATH_OR_ID in --model_args")
-            engine = _load_engine(pretrained, dtype, device)
+            engine = load_engine(pretrained, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.engine = engine
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.max_new_tokens = int(max_new_tokens)
@@ -121,12 +127,10 @@ class OpenOwl(_Base):
         images, videos = [], []
         for visual in visuals:
             if isinstance(visual, str | Path) and Path(visual).suffix.lower() in VIDEO_SUFFIXES:
-                from openowl.infer.video import load_video_frames
-
                 videos.append(load_video_frames(visual))
             else:
                 images.append(visual)
-        message = {"role": "user", "content": _content(str(context), len(images), len(videos))}
+        message = _user_turn(str(context), len(images), len(videos))
         return Request(self.engine.processor.apply_chat_template([message]), images, videos)
 
     def _params(self, kwargs: dict) -> SamplingParams:
@@ -141,8 +145,8 @@ class OpenOwl(_Base):
         )
 
 
-def _content(context: str, num_images: int, num_videos: int) -> list[dict]:
-    """Message parts: images where the context has `<image>` tags (when they match in number), else first."""
+def _user_turn(context: str, num_images: int, num_videos: int) -> dict:
+    """The user message: images where the context has `<image>` tags (when they match in number), else first."""
     chunks = context.split(IMAGE_TAG)
     if num_images and len(chunks) - 1 == num_images:
         parts = []
@@ -151,20 +155,5 @@ def _content(context: str, num_images: int, num_videos: int) -> list[dict]:
                 parts.append({"type": "image"})
             if chunk.strip():
                 parts.append({"type": "text", "text": chunk.strip()})
-        return [{"type": "video"}] * num_videos + parts
-    text = "".join(chunks).strip()
-    return [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
-
-
-def _load_engine(pretrained: str, dtype: str, device: str | None) -> Engine:
-    import torch
-
-    from openowl import OwlForConditionalGeneration, OwlProcessor
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    processor = OwlProcessor.from_pretrained(pretrained)
-    model = OwlForConditionalGeneration.from_pretrained(pretrained, dtype=dtypes[dtype], device=device)
-    return Engine(model, processor)
+        return {"role": "user", "content": [{"type": "video"}] * num_videos + parts}
+    return user_message("".join(chunks).strip(), num_images, num_videos)

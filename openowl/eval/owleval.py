@@ -15,10 +15,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from openowl.eval.tasks import Item, owleval_dir
+from openowl.data.jsonl import read_rows
+from openowl.eval.items import Item
+from openowl.eval.owleval_data import owleval_dir
 
 GRADES = "ABCD"
-PARTS = ("all", "single_turn", "multi_turn")
+SPLITS = ("all", "single_turn", "multi_turn")  # the tally's question sets: all, and by upstream category
 
 
 def upstream_answers(items: Sequence[Item], records: dict[str, dict], model_id: str) -> list[dict]:
@@ -39,7 +41,7 @@ def shipped_answers(folder: Path) -> dict[str, dict[int, str]]:
     """{system: {question_id: answer}} from the OwlEval folder's `answer/*.jsonl`, systems named by model_id."""
     systems = {}
     for path in sorted((folder / "answer").glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [row for _, row in read_rows(path)]
         if rows:
             systems[str(rows[0].get("model_id", path.stem))] = {int(r["question_id"]): r["answer"] for r in rows}
     return systems
@@ -57,14 +59,14 @@ def tally(ratings: dict[str, dict[str, str]], items: Sequence[Item]) -> dict[str
     kinds = {it.id: it.meta["category"].split(",") for it in items}
     out = {}
     for system, grades in ratings.items():
-        counts = {part: dict.fromkeys([*GRADES, "A+B"], 0) for part in PARTS}
+        counts = {split: dict.fromkeys([*GRADES, "A+B"], 0) for split in SPLITS}
         for qid, grade in grades.items():
             if grade not in GRADES:
                 raise ValueError(f"{system}, question {qid}: rating {grade!r} is not one of A, B, C, D")
-            for part in ("all", *kinds.get(str(qid), [])):
-                if part in counts:
-                    counts[part][grade] += 1
-                    counts[part]["A+B"] += grade in "AB"
+            for split in ("all", *kinds.get(str(qid), [])):
+                if split in counts:
+                    counts[split][grade] += 1
+                    counts[split]["A+B"] += grade in "AB"
         out[system] = counts
     return out
 
@@ -121,11 +123,11 @@ def render_report(items: Sequence[Item], answers: dict[str, dict[int, str]], rat
 
 
 def _tally_table(counts: dict, systems: Sequence[str]) -> str:
-    head = "".join(f"<th>{part.replace('_', '-')} {g}</th>" for part in PARTS for g in [*GRADES, "A+B"])
+    head = "".join(f"<th>{split.replace('_', '-')} {g}</th>" for split in SPLITS for g in [*GRADES, "A+B"])
     rows = []
     for system in systems:
-        c = counts.get(system, {part: dict.fromkeys([*GRADES, "A+B"], 0) for part in PARTS})
-        cells = "".join(f"<td>{c[part][g]}</td>" for part in PARTS for g in [*GRADES, "A+B"])
+        c = counts.get(system, {split: dict.fromkeys([*GRADES, "A+B"], 0) for split in SPLITS})
+        cells = "".join(f"<td>{c[split][g]}</td>" for split in SPLITS for g in [*GRADES, "A+B"])
         rows.append(f"<tr><th>{html.escape(system)}</th>{cells}</tr>")
     return f'<table id="tally"><tr><th>system</th>{head}</tr>{"".join(rows)}</table>'
 
@@ -169,7 +171,7 @@ td, th {{ border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-al
 <script>
 const SYSTEMS = {systems};
 const KEY = "openowl-owleval:" + location.pathname;
-const GRADES = ["A", "B", "C", "D"], PARTS = ["all", "single_turn", "multi_turn"];
+const GRADES = ["A", "B", "C", "D"], SPLITS = ["all", "single_turn", "multi_turn"];
 function ratings() {{
   const out = {{}};
   for (const input of document.querySelectorAll("input[type=radio]:checked")) {{
@@ -187,18 +189,18 @@ function retally() {{
   const rows = document.querySelectorAll("#tally tr");
   SYSTEMS.forEach((system, i) => {{
     const counts = {{}};
-    for (const part of PARTS) counts[part] = {{A: 0, B: 0, C: 0, D: 0, "A+B": 0}};
+    for (const split of SPLITS) counts[split] = {{A: 0, B: 0, C: 0, D: 0, "A+B": 0}};
     for (const input of document.querySelectorAll("input[type=radio]:checked")) {{
       if (input.dataset.system !== system) continue;
-      for (const part of ["all", ...input.dataset.kinds.split(",")]) {{
-        if (!counts[part]) continue;
-        counts[part][input.value] += 1;
-        if ("AB".includes(input.value)) counts[part]["A+B"] += 1;
+      for (const split of ["all", ...input.dataset.kinds.split(",")]) {{
+        if (!counts[split]) continue;
+        counts[split][input.value] += 1;
+        if ("AB".includes(input.value)) counts[split]["A+B"] += 1;
       }}
     }}
     const cells = rows[i + 1].querySelectorAll("td");
     let c = 0;
-    for (const part of PARTS) for (const g of [...GRADES, "A+B"]) cells[c++].textContent = counts[part][g];
+    for (const split of SPLITS) for (const g of [...GRADES, "A+B"]) cells[c++].textContent = counts[split][g];
   }});
 }}
 document.addEventListener("change", (e) => {{

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openowl.eval import metrics
-from openowl.eval.tasks import Item, Task
+from openowl.eval.items import Item, Task
 
 FRACTIONS = {
     "accuracy",

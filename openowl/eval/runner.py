@@ -13,11 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openowl.data.jsonl import read_answers
+from openowl.eval.items import Item, Task
 from openowl.eval.likelihood import continuation_logprobs
 from openowl.eval.metrics import LETTERS, circular_options
-from openowl.eval.tasks import Item, Task
+from openowl.eval.owleval import tally, write_owleval
+from openowl.eval.results import score, write_results
 from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
+from openowl.prompts import assistant_message, user_message
+from openowl.video import load_video_frames
 
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
@@ -44,27 +49,12 @@ def model_label(model: str) -> str:
 
 
 class AnswerCache:
-    """answers.jsonl as a dict by id; `add` appends and flushes. A line cut by a killed run is dropped."""
+    """answers.jsonl as a dict by id; `add` appends and flushes. A line cut by a killed run is dropped (and answered
+    again): the file is read by `read_answers`, as `openowl generate --input` reads its own."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.records: dict[str, dict] = {}
-        if not path.exists():
-            return
-        text = path.read_text()
-        lines = text.splitlines()
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number != len(lines):
-                    raise ValueError(f"{path}:{number}: not valid JSON; fix or remove the line") from None
-                lines.pop()  # cut by a killed run: it will be answered again
-                break
-            self.records[record["id"]] = record
-        if len(lines) < len(text.splitlines()) or (text and not text.endswith("\n")):
-            # Keep the whole lines, ending in a newline: the next answer must start a line of its own.
-            path.write_text("".join(f"{x}\n" for x in lines))
+        self.records: dict[str, dict] = {record["id"]: record for record in read_answers(path)}
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
@@ -148,16 +138,9 @@ def media(item: Item) -> tuple[list, list]:
     videos = []
     for video in item.videos:
         if isinstance(video, str | Path):
-            from openowl.infer.video import load_video_frames
-
             video = load_video_frames(video)
         videos.append(video)
     return images, videos
-
-
-def user_message(text: str, num_images: int, num_videos: int) -> dict:
-    parts = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
-    return {"role": "user", "content": parts}
 
 
 def conversation_request(processor, turns: Sequence[Unit], cache: AnswerCache) -> Request:
@@ -169,7 +152,7 @@ def conversation_request(processor, turns: Sequence[Unit], cache: AnswerCache) -
         videos += turn_videos
         messages.append(user_message(unit.text, len(turn_images), len(turn_videos)))
         if k + 1 < len(turns):
-            messages.append({"role": "assistant", "content": cache[unit.id]["answer"]})
+            messages.append(assistant_message(cache[unit.id]["answer"]))
     return Request(processor.apply_chat_template(messages), images, videos)
 
 
@@ -249,8 +232,6 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from openowl.eval.results import score, write_results
-
     if method not in ("generate", "likelihood"):
         raise ValueError(f"method must be 'generate' or 'likelihood', not {method!r}")
     if method == "likelihood" and task.metric != "choice":
@@ -271,8 +252,6 @@ def evaluate(
     results = score(task, units, cache.records, method)
     results.update(model=model, settings={**settings, "batch_size": batch_size})
     if task.name == "owleval":
-        from openowl.eval.owleval import tally, write_owleval
-
         results["report"] = str(write_owleval(items, cache.records, output, model_label(model), data, ratings))
         if ratings:
             results["ratings"] = tally(ratings, items)

@@ -3,8 +3,8 @@
 // A decoding step multiplies a few rows (one per sequence in the batch) by every weight, and attends one query per
 // sequence to its cached keys and values. Both read far more bytes than they compute on, so their speed is the
 // speed at which they stream memory. On such a CPU, oneDNN's bf16 GEMM re-packs each weight at every call and
-// reads it at about half the bandwidth with 8 rows, and PyTorch's CPU attention spends most of a one-token query
-// on set-up; these two kernels stream the weights and the cache once.
+// reads it well below the bandwidth with 8 rows, and PyTorch's CPU attention spends most of a one-token query on
+// set-up; these two kernels stream the weights and the cache once (measured: docs/performance.md, Run G).
 //
 // openowl::small_linear(x, w): (M, K) @ (N, K)^T for a few rows; each output is the same sum whatever M is (a row
 //     decoded alone and in a batch gets the same bits).
@@ -76,10 +76,10 @@ void rows_times_weight(const bf16* x, const W* w, const bf16* scale, bf16* out, 
 }
 
 // bf16 weights and more than 4 rows: two passes over each block of 4 weight rows, the first 4 rows while the block
-// streams in from memory, the others while it is still in the cache. On an AMD EPYC (2 cores, AVX-512 BF16), one
-// pass of 8 rows over 3 weight rows at a time barely overlapped its arithmetic with the loads; two passes read the
-// weights 1.1-1.2x as fast with 5 to 8 rows. int8 weights stay in one pass: the second would convert them again, and
-// was 0.75-0.83x as fast.
+// streams in from memory, the others while it is still in the cache: one pass of 8 rows over 3 weight rows at a
+// time barely overlaps its arithmetic with the loads, and the second pass reads from the cache rather than memory.
+// int8 weights stay in one pass: the second would convert them again, which costs more than it saves (measured:
+// docs/performance.md, Run H).
 template <int M, typename W>
 void small_linear_pass(const bf16* x, const W* w, const bf16* scale, bf16* out, int64_t K, int64_t N) {
   constexpr bool two_passes = M > 4 && std::is_same_v<W, bf16>;

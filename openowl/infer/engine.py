@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StaticCache
 
-from openowl.infer.fuse import fuse_projections
-from openowl.infer.generate import decode_one_token, generate_tokens, static_cache
-from openowl.infer.kernels import is_tensor_subclass, use_decode_kernels, use_stock_kernels
+from openowl.infer.generate import EAGER_STEP, DecodeStep, generate_tokens, static_cache
 from openowl.infer.sampling import SamplingParams
 from openowl.model.owl import OwlForConditionalGeneration
 from openowl.processing import ImageInput, OwlProcessor, check_media_count
@@ -47,8 +45,8 @@ class Detokenizer:
 
     Each token is decoded in a window of a few tokens: the ones of the previous delta, as context (a SentencePiece
     decoder drops the space of a text's first token), and the new ones. The text they add is the window's text past
-    the context's. A step costs the same whatever the length of the answer; decoding the whole answer at every step
-    took 1.5 ms per token at 1000 tokens (LLaMA's tokenizer, on the 2-core CPU of the README's runs).
+    the context's. A step costs the same whatever the length of the answer, where decoding the whole answer at every
+    step costs more with every token (measured: docs/performance.md, Figures quoted by other pages, Detokenizing).
     """
 
     tokenizer: object
@@ -141,12 +139,13 @@ class ImageFeatureCache:
 
 
 class StaticCachePool:
-    """The compiled engine's static KV caches, kept between requests: at most one free cache per (rows, length).
+    """The static KV caches of a compiled step, kept between requests: at most `capacity` free caches, one per
+    (rows, length).
 
     A compiled step's CUDA graph is recorded on the addresses of its cache's tensors, so that a new cache makes
-    cudagraph trees record the graph again, at every request. Keeping the caches took 32-token answers of the 7B
-    shape on an H100 from 112 to 152 tok/s (README, Performance). A cache is lent to one stream at a time, zeroed,
-    and comes back when its stream ends or is dropped; a stream that finds its shape lent gets a new cache.
+    cudagraph trees record the graph again, at every request. A cache is lent to one stream (or one chat session)
+    at a time, zeroed, and comes back when its stream ends or is dropped; a stream that finds its shape lent gets a
+    new cache.
     """
 
     def __init__(self, model: OwlForConditionalGeneration, capacity: int = 4):
@@ -155,38 +154,47 @@ class StaticCachePool:
         self._free: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
         self._lock = threading.Lock()
 
-    def lend(self, rows: int, length: int, use: Callable[[StaticCache], Iterator]) -> Iterator:
-        """Run `use(cache)` on a cache for `rows` x `length` positions; the cache comes back when it is exhausted."""
+    def take(self, rows: int, length: int) -> StaticCache:
+        """An empty cache for `rows` x `length` positions: a kept one, or a new one."""
         with self._lock:
             cache = self._free.pop((rows, length), None)
         if cache is None:
-            cache = static_cache(self.model, length)
-        else:
-            cache.reset()
+            return static_cache(self.model, length)
+        cache.reset()
+        return cache
+
+    def give(self, rows: int, length: int, cache: StaticCache) -> None:
+        """Return a cache that `take` lent."""
+        with self._lock:
+            self._free[(rows, length)] = cache
+            while len(self._free) > self.capacity:
+                self._free.popitem(last=False)
+
+    def lend(self, rows: int, length: int, use: Callable[[StaticCache], Iterator]) -> Iterator:
+        """Run `use(cache)` on a cache for `rows` x `length` positions; the cache comes back when it is exhausted."""
+        cache = self.take(rows, length)
         try:
             yield from use(cache)
         finally:
-            with self._lock:
-                self._free[(rows, length)] = cache
-                while len(self._free) > self.capacity:
-                    self._free.popitem(last=False)
+            self.give(rows, length, cache)
 
 
 class Engine:
-    """Batched and streaming generation over one model and its processor."""
+    """Batched and streaming generation over one model and its processor. The engine never changes its model:
+    `prepare_for_inference` (`prepare.py`) fuses, picks kernels and quantizes, and returns the `step` to give here.
+    """
 
     def __init__(
         self,
         model: OwlForConditionalGeneration,
         processor: OwlProcessor,
         image_cache_size: int = 256,
-        compile: bool = False,
+        step: DecodeStep = EAGER_STEP,
     ):
         """
         Args:
-            compile: decode with a static KV cache through `torch.compile`: CUDA graphs on GPUs; on a CPU, frozen
-                weights and inductor's own GEMM kernels (see `compiled_decode`). The first request of each batch
-                size and length bucket pays for compiling; later ones run fast.
+            step: the decoding step; one that wants static caches (a compiled step) gets them from `static_caches`,
+                kept between requests.
         """
         self.model = model
         self.processor = processor
@@ -195,11 +203,7 @@ class Engine:
         eos = model.language_model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = frozenset(e for e in [processor.tokenizer.eos_token_id, *eos] if e is not None)
-        fuse_projections(model.language_model)  # one product for q/k/v and one for gate/up (`fuse.py`)
-        if model.device.type == "cpu":  # under torch.compile, inductor's own GEMMs and PyTorch's attention
-            (use_stock_kernels if compile else use_decode_kernels)(model.language_model)
-        self._decode = compiled_decode(model) if compile else decode_one_token
-        self.compiled = compile
+        self.step = step
         self.static_caches = StaticCachePool(model)
 
     # --- visual features -----------------------------------------------------------------------
@@ -261,11 +265,11 @@ class Engine:
         def run(cache: StaticCache | None) -> Iterator[torch.Tensor]:
             return generate_tokens(
                 self.model, batch["input_ids"], batch["attention_mask"], params, image_features, video_features,
-                cache=cache, decode=self._decode,
+                cache=cache, decode=self.step.run,
             )  # fmt: skip
 
         lengths = [len(x) for x in ids]
-        if not self.compiled:
+        if not self.step.static_cache:
             return run(None), lengths
         length = -(-(batch["input_ids"].shape[1] + params.max_new_tokens) // 256) * 256  # few shapes to compile
         return self.static_caches.lend(len(ids), length, run), lengths
@@ -283,32 +287,6 @@ class Engine:
                 return
             yield deltas
         yield [d.finish() for d in state.detoks]
-
-
-def compiled_decode(model: OwlForConditionalGeneration) -> Callable:
-    """`decode_one_token` through `torch.compile`, set for the model's device.
-
-    On CUDA: CUDA graphs ("reduce-overhead"). On a CPU: max-autotune with frozen weights, so that inductor
-    pre-packs every weight for its own GEMM kernels (AMX for bf16; for int8 weight-only, see `quantize`, they
-    read the weights about 1.7x as fast as PyTorch's int8 kernel). PyTorch's kernels are left out of the choice
-    unless a weight needs them (a torchao tensor: int4): timed on one cache-warm weight, as autotuning does,
-    they sometimes win, yet they are the slower ones on weights streamed from memory. The frozen weights are
-    copies: the model must not change afterwards, and its language model's weights are held twice.
-    """
-    if model.device.type == "cuda":
-        return torch.compile(decode_one_token, mode="reduce-overhead", dynamic=False)
-    import torch._inductor.config as inductor_config
-
-    aten = any(is_tensor_subclass(p) for p in model.language_model.parameters())
-    options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN" if aten else "CPP"}
-    compiled = torch.compile(decode_one_token, options=options, dynamic=False)
-
-    def decode(*args: object) -> torch.Tensor:
-        # Read when inductor compiles a graph, outside the scope of `options`, so it is set around every call.
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
-
-    return decode
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 Applied to a loaded model from outside, for inference (the engine does it; the model files stay plain). A decoding
 step reads every weight once per token through small products, and on a GPU one wide product streams its weight
-better than three narrow ones: on an H100, every matmul of the 7B shape's LM on one row took 5.56 ms per step as
-they are and 5.10 ms with these two fusions (`benchmarks/decode_breakdown.py`). On a CPU, openowl's kernels read
-the fused weights at the speed of the separate ones.
+better than three narrow ones, so a step's matmuls take less time fused (`benchmarks/decode_breakdown.py`;
+measured: docs/performance.md, GPU: an H100). On a CPU, openowl's kernels read the fused weights at the speed of
+the separate ones (docs/performance.md, Run H).
 
 The parts keep their parameters as views of the fused weight, so the state dict keeps its keys and values,
 `save_pretrained` writes the same files, and `load_state_dict` (which copies in place) updates the fused product.

@@ -7,6 +7,7 @@ left-padded; positions come from the attention mask, so a padded row computes wh
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import Cache, DynamicCache, StaticCache
@@ -121,6 +122,18 @@ def decode_one_token(
     return forward_step(model, model.embed_text(token[:, None]), attention_mask, cache, positions)
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """The function that runs one decoding step (`decode_one_token`'s signature), and whether it needs static,
+    preallocated KV caches (a compiled step sees the same shapes at every step only with those)."""
+
+    run: Callable = decode_one_token
+    static_cache: bool = False
+
+
+EAGER_STEP = DecodeStep()
+
+
 @torch.no_grad()
 def generate_tokens(
     model: OwlForConditionalGeneration,
@@ -186,8 +199,8 @@ def _copy_to_host(token: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event |
 
     The copy goes to pinned memory, queued right after the sampling. A caller's `.tolist()` of the CUDA tensor would
     copy in the stream's order, after the step that lookahead queued: it waited for that step too, and the GPU then
-    idled while the host queued the next one. For the 7B shape on an H100 the loop ran 0.6 ms a step (9 %) behind
-    its compiled step replayed back to back; with this copy it runs at the replay's speed (README, Performance).
+    idled while the host queued the next one, and the loop ran behind its compiled step replayed back to back; with
+    this copy it runs at the replay's speed (measured: docs/performance.md, GPU: an H100).
     """
     if token.device.type != "cuda":
         return token, None

@@ -1,26 +1,26 @@
-"""Faster kernels for decoding on a CPU, applied to a loaded model from outside (the model files stay plain PyTorch).
+"""Decoding kernels for a CPU, applied to a loaded model from outside (the model files stay plain PyTorch).
 
 A decoding step multiplies one row per sequence by every weight and attends one query per sequence to its KV
 cache, so its speed is the speed at which those products stream the weights and the cache from memory. How well
-PyTorch's own kernels do with so few rows depends on the CPU. Over many bf16 weights larger than the cache, on the
-two 2-core machines this project ran on (GB/s of weights read; `benchmarks/bench_kernels.py` measures them):
+PyTorch's own kernels do with so few rows depends on the CPU (`benchmarks/bench_kernels.py` measures them; the
+figures for the two kinds of CPU this project ran on: docs/performance.md, Kernel choice by CPU, Run F and Run G):
 
-- a Xeon with AMX: oneDNN's `torch.mv` 17 (about 80 % of the read bandwidth), its `F.linear` 13; with 2 rows or
-  more, oneDNN's AMX GEMM.
-- an AMD EPYC with AVX-512 BF16 and no AMX: oneDNN's `F.linear` 14-19 with one row and 14-17 with eight,
-  PyTorch's own `torch.mv` 24-32 with one row, its GEMM 5 with eight. PyTorch's attention took 2.3 ms per layer
-  for 8 one-token queries, 8x the time to read their keys and values.
+- with AMX, oneDNN's one-row `torch.mv` reads the weights near the bandwidth and its `F.linear` below it; with 2
+  rows or more, oneDNN's AMX GEMM is kept.
+- with AVX-512 BF16 and no AMX, oneDNN's products read the weights well below the bandwidth with one row or eight,
+  PyTorch's own `torch.mv` reads them near it with one row but its GEMM far below it with eight, and PyTorch's
+  attention for a few one-token queries takes several times as long as reading their keys and values.
 
 So, by CPU:
 
 - AVX-512 BF16 without AMX: `cpu_kernels.cpp`, built on first use (needs a C++ compiler, as `torch.compile` does;
-  about 10 s, then cached by PyTorch): a few-row product that streams each weight once for up to 8 rows (bf16
-  weights, and int8 ones with a scale per output feature for `quantize`'s int8), and a one-query attention.
-  Measured on the EPYC (bf16): about 90 % of the read bandwidth with one row, two thirds to three quarters with
-  eight (bf16 weights with 5-8 rows take two passes over each block of weight rows, 1.2x the speed of one), and
-  attention 4x faster than PyTorch's; int8 weights 1.5-2x PyTorch's int8 kernel with one row, about 3x with eight. In a
-  decoding step, a row's products and attention get the same bits alone and in a batch of up to 8 (left padding
-  included). They have no backward: what autograd follows takes PyTorch's kernels.
+  the build is cached by PyTorch): a few-row product that streams each weight from memory once for up to 8 rows
+  (bf16 weights, and int8 ones with a scale per output feature for `quantize`'s int8), and a one-query attention
+  that reads each cached key and value once. bf16 weights with 5-8 rows take two passes over each block of weight
+  rows, the second while the block is still in the cache (`cpu_kernels.cpp`: `small_linear_pass`). Their speeds
+  against PyTorch's: docs/performance.md, Run G and Run H. In a decoding step, a row's products and attention get
+  the same bits alone and in a batch of up to 8 (left padding included). They have no backward: what autograd
+  follows takes PyTorch's kernels.
 - AMX: one-row products through oneDNN's `torch.mv`; other products and attention are PyTorch's.
 - Elsewhere (or where the kernels can't be built, or `OPENOWL_CPU_KERNELS=0`): one-row products through PyTorch's
   own `torch.mv` (oneDNN switched off for the call); other products and attention are PyTorch's.
@@ -78,7 +78,7 @@ def fits_small_linear(weight: torch.Tensor, x: torch.Tensor) -> bool:
 
 def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`torch.mv(weight, x)`: through oneDNN where the CPU has AMX, through PyTorch's own kernel elsewhere (the faster
-    one on each kind of CPU measured, module docstring).
+    one on each kind of CPU measured: module docstring, docs/performance.md, Kernel choice by CPU).
 
     oneDNN is switched off by a process-wide flag, for the length of this one call: a GEMM that another thread runs
     at the same moment may take PyTorch's slower kernel, with the same result.

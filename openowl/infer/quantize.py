@@ -28,7 +28,7 @@ def quantize(
     int4 uses torchao's grouped int4 weight-only layouts (`group_size` input features per scale, 32 to 256; a
     Linear whose input width is not a multiple of it stays as it is): on CUDA the tinygemm layout, on a CPU the
     "opaque" layout for PyTorch's `_weight_int4pack_mm_for_cpu` (torchao's prototype
-    `PrototypeInt4WeightOnlyConfig`). The README's Performance section compares the modes' speeds.
+    `PrototypeInt4WeightOnlyConfig`). docs/performance.md compares the modes' speeds.
 
     Raises:
         ImportError: torchao is missing (`pip install torchao`).
@@ -78,17 +78,16 @@ def quantize(
 class Int8WeightOnlyLinear(nn.Module):
     """A Linear with int8 weights and one scale per output feature, held as plain tensors.
 
-    On a CPU, up to 8 bf16 rows run openowl's int8 kernel where the CPU has it (`kernels.py`: 1.5-2x PyTorch's speed
-    with one row, about 3x with eight). Otherwise, up to 16 rows run PyTorch's int8 kernel (`_weight_int8pack_mm`:
-    3x the decoding speed of torchao's eager path, which dequantizes every weight at every call); more rows
+    On a CPU, up to 8 bf16 rows run openowl's int8 kernel where the CPU has it (`kernels.py`: it reads each int8
+    weight once for all the rows). Otherwise, up to 16 rows run PyTorch's int8 kernel (`_weight_int8pack_mm`, which
+    reads the int8 weight as it is, where torchao's eager path dequantizes every weight at every call); more rows
     dequantize the weight and use the float GEMM. Under `torch.compile` with frozen weights, inductor rewrites both
     of PyTorch's paths into its own pre-packed int8 GEMM.
 
     On CUDA, up to 8 rows under `torch.compile` (decoding) are a sum of products over the input features, which
     inductor can fuse with the conversion into one kernel over the int8 weight; a matmul would first write the weight
-    out in the rows' dtype and read it back. On an H100, the 7B shape decoded at 195 tok/s this way against 119 with
-    torchao's int8 tensors (README, Performance). Eagerly, and for more rows, the weight is converted for the float
-    GEMM.
+    out in the rows' dtype and read it back (measured: docs/performance.md, GPU: an H100). Eagerly, and for more
+    rows, the weight is converted for the float GEMM.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):

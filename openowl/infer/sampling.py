@@ -68,8 +68,9 @@ def banned_ngram_tokens(row: list[int], n: int) -> list[int]:
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """`(B, V)` -> `(B,)` index of each row's first maximum. On the CPU through NumPy, whose vectorized argmax is
-    ~25x faster than torch's over a 32000-token vocabulary (it is a visible part of a batched decoding step)."""
+    """`(B, V)` -> `(B,)` index of each row's first maximum. On the CPU through NumPy, whose vectorized argmax takes
+    a fraction of torch's time over a 32000-token vocabulary (it is a visible part of a batched decoding step;
+    measured: docs/performance.md, Serving)."""
     if logits.device.type == "cpu":
         return torch.from_numpy(logits.numpy().argmax(axis=-1))
     return logits.argmax(dim=-1)

@@ -22,26 +22,51 @@ from openowl.infer.engine import Detokenizer, Engine
 from openowl.infer.generate import generate_tokens, new_cache
 from openowl.infer.sampling import SamplingParams
 from openowl.processing import ImageInput, check_media_count, load_image
+from openowl.prompts import user_message
+from openowl.video import load_video_frames
 
 
 class ChatSession:
-    """History + cache for one conversation. `ask` streams the answer and records it."""
+    """History + cache for one conversation. `ask` streams the answer and records it.
 
-    def __init__(self, engine: Engine, system: str | None = None, params: SamplingParams | None = None):
+    The session decodes with its engine's step. An eager step keeps a growing cache; a compiled one (which wants a
+    static cache) borrows one cache of `max_length` positions from the engine's pool for the whole conversation
+    (default: the language model's `max_position_embeddings`), given back by `reset` and `close`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        system: str | None = None,
+        params: SamplingParams | None = None,
+        max_length: int | None = None,
+    ):
         self.engine = engine
         self.system = system
         self.params = params or SamplingParams()
+        self.max_length = max_length or engine.model.language_model.config.max_position_embeddings
+        self._cache = None
         self.reset()
 
     def reset(self) -> None:
         """Forget the history and the cache."""
+        self.close()
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.images: list[ImageInput] = []
         self.videos: list[Sequence[ImageInput]] = []
         self.ids: list[int] = []  # the whole conversation, placeholders included
         self.last_prompt_ids: list[int] = []  # the ids the last answer was generated from
-        self._cache = new_cache(self.engine.model)
+        if self.engine.step.static_cache:
+            self._cache = self.engine.static_caches.take(1, self.max_length)
+        else:
+            self._cache = new_cache(self.engine.model)
         self.last_prefill_tokens = 0  # how many tokens the last turn actually ran before its answer
+
+    def close(self) -> None:
+        """Give a borrowed static cache back to the engine's pool (the session can't answer until `reset`)."""
+        if self._cache is not None and self.engine.step.static_cache:
+            self.engine.static_caches.give(1, self.max_length, self._cache)
+        self._cache = None
 
     def ask(
         self,
@@ -54,15 +79,16 @@ class ChatSession:
 
         A video is a list of frames or a video file (decoded with PyAV, frames at segment centres).
         """
-        from openowl.infer.video import load_video_frames
-
         params = params or self.params
         # Read every file before touching the history: a bad path raises here and leaves the session usable.
         images = [load_image(img) for img in images]
         videos = [load_video_frames(v) if isinstance(v, str | Path) else [load_image(f) for f in v] for v in videos]
-        parts = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-        message = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+        message = user_message(text, len(images), len(videos))
         turn_ids = self._tokenize_turn(message, len(images), len(videos))
+        if len(self.ids) + len(turn_ids) + params.max_new_tokens > self.max_length:
+            raise ValueError(
+                f"this turn would take the conversation past the session's {self.max_length} positions: /reset"
+            )
         self.messages.append(message)
         self.images += images
         self.videos += videos
@@ -112,6 +138,7 @@ class ChatSession:
             video_features=video_features,
             cache=self._cache,
             history=[[i for i in self.ids if i >= 0]],
+            decode=engine.step.run,
         )
         for token in tokens:
             yield int(token[0])

@@ -17,12 +17,9 @@ from transformers import AutoModelForCausalLM, Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from openowl.config import DINOV2_MODEL_TYPE, OwlConfig
+from openowl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, IMAGE_TAG, VIDEO_PLACEHOLDER_ID, VIDEO_TAG
 from openowl.model.abstractor import VisualAbstractor
 from openowl.model.vision import Dinov2VisionModel, VisionModel
-
-IMAGE_PLACEHOLDER_ID = -1
-VIDEO_PLACEHOLDER_ID = -2
-IGNORE_INDEX = -100
 
 
 class PreAppliedLayerNorm(nn.LayerNorm):
@@ -69,7 +66,7 @@ class OwlForConditionalGeneration(nn.Module):
         # BLOOM has ALiBi and no position ids; LLaMA-family models take them.
         self._lm_uses_positions = "position_ids" in inspect.signature(self.language_model.forward).parameters
 
-    # --- loading and saving (implemented in openowl.checkpoint) --------------------------------
+    # --- loading and saving (implemented in openowl.loading: the model's one edge into the loader) -------
 
     @classmethod
     def from_pretrained(
@@ -84,18 +81,18 @@ class OwlForConditionalGeneration(nn.Module):
     ) -> OwlForConditionalGeneration:
         """Load a released (or our own) checkpoint from a folder or a hub id, in `dtype` (default float32), on
         `device`, or spread over several with `device_map` ("auto" or `{module: device}`; see `load_model`)."""
-        from openowl.checkpoint import load_model
+        from openowl import loading
 
-        return load_model(
+        return loading.load_model(
             path_or_id, dtype=dtype or torch_dtype or torch.float32, device=device, revision=revision,
             device_map=device_map, max_memory=max_memory,
         )  # fmt: skip
 
     def save_pretrained(self, folder: str | Path, max_shard_size: str | int = "2GB") -> None:
         """Write sharded safetensors and config.json; they load back bit-identically."""
-        from openowl.checkpoint import save_model
+        from openowl import loading
 
-        save_model(self, folder, max_shard_size=max_shard_size)
+        loading.save_model(self, folder, max_shard_size=max_shard_size)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -165,8 +162,8 @@ class OwlForConditionalGeneration(nn.Module):
             image_features = self.get_image_features(pixel_values)
         if video_features is None and video_pixel_values is not None:
             video_features = self.get_video_features(video_pixel_values)
-        embeds = self._scatter(embeds, input_ids == IMAGE_PLACEHOLDER_ID, image_features, "image", "<image>")
-        return self._scatter(embeds, input_ids == VIDEO_PLACEHOLDER_ID, video_features, "video", "<|video|>")
+        embeds = self._scatter(embeds, input_ids == IMAGE_PLACEHOLDER_ID, image_features, "image", IMAGE_TAG)
+        return self._scatter(embeds, input_ids == VIDEO_PLACEHOLDER_ID, video_features, "video", VIDEO_TAG)
 
     def _scatter(
         self, embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor | None, kind: str, tag: str

@@ -18,7 +18,7 @@ from PIL import Image
 
 from openowl.processing import to_rgb
 from openowl.serve.config import MediaPolicy
-from openowl.serve.protocol import APIError
+from openowl.serve.errors import APIError
 
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,(?P<data>.*)", re.DOTALL)
 
@@ -101,7 +101,7 @@ def open_image(data: bytes, param: str, max_pixels: int, size: int | None = None
 
 
 def open_video(data: bytes, param: str, max_pixels: int, num_frames: int = 4, size: int = 224) -> list[Image.Image]:
-    """Bytes of a video file -> `num_frames` frames (as `infer/video.py` samples them), after checking the frame size.
+    """Bytes of a video file -> `num_frames` frames (as `openowl/video.py` samples them), after checking the frame size.
 
     Raises:
         APIError: PyAV missing, not a video, or frames with too many pixels.
@@ -111,7 +111,7 @@ def open_video(data: bytes, param: str, max_pixels: int, num_frames: int = 4, si
     except ImportError:
         raise APIError(400, f"{param}: this server cannot read videos (PyAV is not installed)", "video_not_supported",
                        param) from None  # fmt: skip
-    from openowl.infer.video import load_video_frames
+    from openowl.video import load_video_frames
 
     with tempfile.NamedTemporaryFile(suffix=".video") as file:
         file.write(data)

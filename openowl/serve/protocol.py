@@ -1,40 +1,19 @@
-"""The OpenAI chat-completions wire format: request models (validated with pydantic), the error shape, and the
-response and stream-chunk documents; plus the two translations to our side: messages -> template messages and
-media references, request fields -> `SamplingParams`."""
+"""The OpenAI chat-completions request: its typed models (validated with pydantic, every refusal an `APIError`
+naming the field), and the two translations to our side: messages -> template messages and media references,
+request fields -> `SamplingParams`. The response documents are `render.py`'s."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from openowl.constants import IMAGE_TAG, VIDEO_TAG
 from openowl.infer.sampling import SamplingParams
-from openowl.processing import IMAGE_TAG, VIDEO_TAG
+from openowl.serve.errors import APIError
 
 MAX_STOP_STRINGS = 4
-
-
-class APIError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str,
-        param: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -191,48 +170,3 @@ def sampling_params(request: ChatCompletionRequest, defaults: SamplingParams, ma
         return defaults.with_(**changes)
     except ValueError as err:
         raise APIError(400, str(err), "invalid_value") from None
-
-
-# --- responses -----------------------------------------------------------------------------------
-
-
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion(
-    id_: str, model: str, texts: list[str], reasons: list[str], prompt_tokens: int, completion_tokens: int
-) -> dict[str, Any]:
-    choices = [
-        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-        for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
-    ]
-    return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens)}  # fmt: skip
-
-
-def chunk(
-    id_: str,
-    model: str,
-    choice: int | None,
-    delta: dict[str, str] | None = None,
-    finish_reason: str | None = None,
-    usage_: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """A `chat.completion.chunk`; with `choice=None`, the last one that carries only `usage` (empty choices)."""
-    choices = [] if choice is None else [
-        {"index": choice, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}
-    ]  # fmt: skip
-    out = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-           "choices": choices}  # fmt: skip
-    if usage_ is not None:
-        out["usage"] = usage_
-    return out

@@ -1,13 +1,14 @@
-"""Training data: reading sample files, the upstream tokenization and loss mask, the dataset, batching.
+"""Training data: reading sample files into messages, tokenizing them with their loss mask, the dataset, batching.
 
 - Readers (`read_samples`) turn upstream training jsonl, LLaVA-style conversations and image–caption pairs into
-  `Sample`s whose `text` is an upstream conversation: the system line, then `Human: ` / `AI: ` lines joined by
-  "\\n", one `Human: <image>` line per image.
-- `tokenize_conversation` (SPEC §6.5): the text is split on `<image>`, `AI: ` and `\\nHuman: `; each piece is
-  tokenized on its own. The piece after each `AI: ` is an answer: it is followed by EOS and it (with its EOS) is
-  what the loss is computed on. Everything else — system line, questions, delimiters, image placeholders — is
-  context. Checkpoints with `prompt_format: chat-template` (owl-small) go through `tokenize_chat_conversation`
-  instead: the same conversation rendered by the language model's chat template, with the same masks.
+  `Sample`s: the conversation as messages (the chat format of `openowl.prompts`) and its image paths. Upstream's
+  conversation text is parsed into messages once, as it is read (`prompts.parse_prompt`).
+- `tokenize_conversation` renders the messages through upstream's template and tokenizes them exactly as upstream
+  does (docs/upstream.md, "Conversation tokenization and loss mask"): each piece of `prompts.render_conversation`
+  on its own, an answer followed by EOS and taking the loss (with its EOS), everything else — system line,
+  questions, delimiters, image placeholders — context. Checkpoints with `prompt_format: chat-template`
+  (owl-small) go through `tokenize_chat_conversation` instead: the same messages rendered by the language
+  model's chat template, with the same masks. `tokenize_sample` picks the one of a processor.
 - `TrainDataset` tokenizes every sample up front, checks its images, and drops (and reports) the samples it can't
   train on; `collate` right-pads a batch; `LengthGroupedSampler` batches samples of similar length.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,16 +28,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
-from openowl.model.owl import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from openowl.processing import DEFAULT_SYSTEM, IMAGE_TAG, OwlProcessor, chat_template_prompt
+from openowl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, IMAGE_TAG
+from openowl.processing import OwlProcessor, media_count_mismatch
+from openowl.prompts import DEFAULT_SYSTEM, assistant_message, build_prompt, parse_prompt, render_conversation
 from openowl.train.transforms import eval_transform, make_generator, train_transform
 
 logger = logging.getLogger(__name__)
-
-AI_DELIMITER = "AI: "
-HUMAN_DELIMITER = "\nHuman: "
-_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(AI_DELIMITER)}|{re.escape(HUMAN_DELIMITER)})")
-_IMAGE_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)})")
 
 
 @dataclass
@@ -48,13 +44,13 @@ class TokenizedSample:
     input_ids: torch.Tensor
     non_padding_mask: torch.Tensor
     non_media_mask: torch.Tensor
-    prompt_mask: torch.Tensor
+    answer_mask: torch.Tensor
     num_images: int
 
     @property
     def labels(self) -> torch.Tensor:
         """transformers-style labels: the ids where a loss is taken, IGNORE_INDEX elsewhere."""
-        keep = self.non_padding_mask * self.non_media_mask * self.prompt_mask
+        keep = self.non_padding_mask * self.non_media_mask * self.answer_mask
         labels = self.input_ids.clone()
         labels[1:][keep == 0] = IGNORE_INDEX
         labels[0] = IGNORE_INDEX
@@ -62,7 +58,7 @@ class TokenizedSample:
 
     @property
     def num_supervised(self) -> int:
-        return int((self.non_padding_mask * self.non_media_mask * self.prompt_mask).sum())
+        return int((self.non_padding_mask * self.non_media_mask * self.answer_mask).sum())
 
     @property
     def length(self) -> int:
@@ -71,9 +67,10 @@ class TokenizedSample:
 
 
 def tokenize_conversation(
-    text: str, tokenizer: PreTrainedTokenizerBase, max_length: int, num_visual_tokens: int = 65
+    messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_length: int, num_visual_tokens: int = 65
 ) -> TokenizedSample:
-    """Tokenize one training conversation exactly as upstream does (SPEC §6.5).
+    """Tokenize one training conversation exactly as upstream does (docs/upstream.md): BOS, then each piece of
+    `render_conversation(messages, "mplug-owl")` on its own, an `<image>` as `num_visual_tokens` placeholders.
 
     An image block that would not fit is dropped whole; other pieces are cut to the room left, and an answer
     keeps its EOS only if there is room for it.
@@ -81,112 +78,70 @@ def tokenize_conversation(
     room = max_length + 1
     ids: list[int] = [tokenizer.bos_token_id]
     is_answer: list[int] = [0]
-    num_images = 0
-    after_ai = False
-    for piece in _SPLIT.split(text):
-        if not piece:
-            continue
+    for piece, answer in render_conversation(messages, "mplug-owl"):
         left = room - len(ids)
         if piece == IMAGE_TAG:
             if num_visual_tokens <= left:
                 ids += [IMAGE_PLACEHOLDER_ID] * num_visual_tokens
                 is_answer += [0] * num_visual_tokens
-                num_images += 1
-            after_ai = False
             continue
         tokens = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if after_ai:
-            tokens = (tokens + [tokenizer.eos_token_id])[:left]
-            is_answer += [1] * len(tokens)
-        else:
-            tokens = tokens[:left]
-            is_answer += [0] * len(tokens)
+        tokens = (tokens + [tokenizer.eos_token_id])[:left] if answer else tokens[:left]
         ids += tokens
-        after_ai = piece == AI_DELIMITER
-    length = len(ids)
-    pad = room - length
-    input_ids = torch.tensor(ids + [tokenizer.pad_token_id] * pad, dtype=torch.long)
-    answer = torch.tensor(is_answer + [0] * pad, dtype=torch.long)
-    return TokenizedSample(
-        input_ids=input_ids,
-        non_padding_mask=(torch.arange(max_length) < length - 1).long(),
-        non_media_mask=(input_ids[1:] >= 0).long(),
-        prompt_mask=answer[1:],
-        num_images=num_images,
-    )
+        is_answer += [int(answer)] * len(tokens)
+    return _padded(ids, is_answer, max_length, tokenizer.pad_token_id, num_visual_tokens)
 
 
-_TURN = re.compile(r"\n(Human|AI): ")
-
-
-def conversation_messages(text: str) -> list[dict[str, Any]]:
-    """An upstream conversation text as chat messages: consecutive `Human:` lines form one user message (an
-    `<image>` line becomes an image part), `AI:` lines assistant messages. A system line other than upstream's
-    default becomes a system message; the default is dropped, so that a chat template's own default applies.
-    """
-    pieces = _TURN.split(text)
-    messages: list[dict[str, Any]] = [] if pieces[0] == DEFAULT_SYSTEM else [{"role": "system", "content": pieces[0]}]
-    for who, body in zip(pieces[1::2], pieces[2::2], strict=True):
-        role = "user" if who == "Human" else "assistant"
-        part = {"type": "image"} if body == IMAGE_TAG else {"type": "text", "text": body}
-        if role == "user" and messages and messages[-1]["role"] == "user":
-            messages[-1]["content"].append(part)
-        else:
-            messages.append({"role": role, "content": [part]})
-    return messages
-
-
-def tokenize_chat_conversation(text: str, processor: OwlProcessor, max_length: int) -> TokenizedSample:
+def tokenize_chat_conversation(
+    messages: Sequence[dict[str, Any]], processor: OwlProcessor, max_length: int
+) -> TokenizedSample:
     """Tokenize a training conversation through the language model's chat template (`prompt_format:
     chat-template`), with the same masks as `tokenize_conversation`.
 
     Each answer's text is supervised up to and including the template's end-of-turn (EOS) token; everything else
-    — system text, user turns, role headers, image placeholders — is context. The text is tokenized in pieces cut
-    where answers start, so that an answer's ids are those the model generates after the inference prompt. A
+    — system text, user turns, role headers, image placeholders — is context (`render_conversation`). A
     conversation longer than `max_length + 1` ids is cut there, an image block that would not fit whole dropped.
     """
-    tokenizer, eos = processor.tokenizer, processor.tokenizer.eos_token
-    messages = conversation_messages(text)
-    full = chat_template_prompt(tokenizer, messages, add_generation_prompt=False)
-    cuts, answers = [0], []
-    for n, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(chat_template_prompt(tokenizer, messages[:n], add_generation_prompt=True))
-        end = full.find(eos, start)
-        end = len(full) if end < 0 else end + len(eos)
-        cuts += [start, end]
-        answers.append((start, end))
-    cuts.append(len(full))
+    tokenizer, visual = processor.tokenizer, processor.num_visual_tokens
     ids: list[int] = []
     is_answer: list[int] = []
-    for begin, end in zip(cuts, cuts[1:], strict=False):
-        answer = (begin, end) in answers
-        for chunk in _IMAGE_SPLIT.split(full[begin:end]):
-            if chunk == IMAGE_TAG:
-                ids += [IMAGE_PLACEHOLDER_ID] * processor.num_visual_tokens
-                is_answer += [0] * processor.num_visual_tokens
-            elif chunk:
-                piece = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-                ids += piece
-                is_answer += [int(answer)] * len(piece)
-    room = max_length + 1
-    if len(ids) > room:
-        cut = room
+    for piece, answer in render_conversation(messages, "chat-template", tokenizer):
+        if piece == IMAGE_TAG:
+            tokens = [IMAGE_PLACEHOLDER_ID] * visual
+        else:
+            tokens = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += tokens
+        is_answer += [int(answer)] * len(tokens)
+    cut = max_length + 1
+    if len(ids) > cut:
         if ids[cut - 1] == IMAGE_PLACEHOLDER_ID and ids[cut] == IMAGE_PLACEHOLDER_ID:  # mid-block
             while cut > 0 and ids[cut - 1] == IMAGE_PLACEHOLDER_ID:
                 cut -= 1
         ids, is_answer = ids[:cut], is_answer[:cut]
-    length = len(ids)
-    num_images = ids.count(IMAGE_PLACEHOLDER_ID) // processor.num_visual_tokens
-    input_ids = torch.tensor(ids + [tokenizer.pad_token_id] * (room - length), dtype=torch.long)
-    answer_mask = torch.tensor(is_answer + [0] * (room - length), dtype=torch.long)
+    return _padded(ids, is_answer, max_length, tokenizer.pad_token_id, visual)
+
+
+def tokenize_sample(messages: Sequence[dict[str, Any]], processor: OwlProcessor, max_length: int) -> TokenizedSample:
+    """Tokenize a training conversation in the processor's prompt format (`tokenize_conversation` or
+    `tokenize_chat_conversation`)."""
+    if processor.prompt_format == "chat-template":
+        return tokenize_chat_conversation(messages, processor, max_length)
+    return tokenize_conversation(messages, processor.tokenizer, max_length, processor.num_visual_tokens)
+
+
+def _padded(
+    ids: list[int], is_answer: list[int], max_length: int, pad_token_id: int, num_visual_tokens: int
+) -> TokenizedSample:
+    """A sample's ids (at most `max_length + 1`) and answer flags, right-padded, with the masks of their targets."""
+    pad = max_length + 1 - len(ids)
+    input_ids = torch.tensor(ids + [pad_token_id] * pad, dtype=torch.long)
+    answer = torch.tensor(is_answer + [0] * pad, dtype=torch.long)
     return TokenizedSample(
         input_ids=input_ids,
-        non_padding_mask=(torch.arange(max_length) < length - 1).long(),
+        non_padding_mask=(torch.arange(max_length) < len(ids) - 1).long(),
         non_media_mask=(input_ids[1:] >= 0).long(),
-        prompt_mask=answer_mask[1:],
-        num_images=num_images,
+        answer_mask=answer[1:],
+        num_images=ids.count(IMAGE_PLACEHOLDER_ID) // num_visual_tokens,
     )
 
 
@@ -199,57 +154,64 @@ _AI_ROLES = {"gpt", "assistant"}
 
 @dataclass
 class Sample:
-    """One training conversation in upstream form, with the paths of its images in `<image>` order."""
+    """One training conversation as messages (`openowl.prompts`), with the paths of its images in `<image>` order."""
 
     id: str
-    text: str
+    messages: list[dict[str, Any]]
     images: list[Path] = field(default_factory=list)
 
     def __post_init__(self):
         self.images = [Path(p) for p in self.images]
 
 
-def conversation_text(lines: Sequence[str], system: str = DEFAULT_SYSTEM) -> str:
-    """The system line and `Human: ...` / `AI: ...` lines joined by newlines, as upstream writes a conversation."""
-    return "\n".join([system, *lines])
+def llava_messages(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A LLaVA conversation (`[{"from": "human" | "gpt", "value": ...}, ...]`) as messages.
 
-
-def llava_to_text(conversations: Sequence[dict[str, Any]], system: str = DEFAULT_SYSTEM) -> str:
-    """A LLaVA conversation (`[{"from": "human" | "gpt", "value": ...}, ...]`) as upstream training text.
-
-    Each `<image>` in a human turn becomes a `Human: <image>` line of its own, placed before the rest of the turn
-    (which is how upstream writes images, and where LLaVA moves its tag too): "<image>\\nWhat is this?" gives
-    "Human: <image>\\nHuman: What is this?". gpt turns become `AI: ...` lines. Turn values are stripped of
-    surrounding whitespace. `user` / `assistant` are accepted for `human` / `gpt`; a leading `system` turn
-    replaces the system line.
+    Each `<image>` in a human turn becomes an image part of its own, placed before the rest of the turn (which is
+    how upstream writes images, and where LLaVA moves its tag too): "<image>\\nWhat is this?" gives an image part,
+    then the text "What is this?". Consecutive human turns form one user message; gpt turns become assistant
+    messages. Turn values are stripped of surrounding whitespace. `user` / `assistant` are accepted for `human` /
+    `gpt`; a leading `system` turn becomes a system message (left out when it is upstream's default).
 
     Raises:
         ValueError: a turn that isn't an object with a known `from` and a string `value`.
     """
-    lines = []
+    messages: list[dict[str, Any]] = []
     for n, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise ValueError(f"turn {n} is not an object with a string 'value'")
         role, value = turn.get("from"), turn["value"]
         if role in _HUMAN_ROLES:
             rest = value.replace(IMAGE_TAG, "").strip()
-            lines += [f"Human: {IMAGE_TAG}"] * value.count(IMAGE_TAG) + ([f"Human: {rest}"] if rest else [])
+            parts = [{"type": "image"}] * value.count(IMAGE_TAG) + ([{"type": "text", "text": rest}] if rest else [])
+            if parts and messages and messages[-1]["role"] == "user":
+                messages[-1]["content"] += parts
+            elif parts:
+                messages.append({"role": "user", "content": parts})
         elif role in _AI_ROLES:
-            lines.append(f"{AI_DELIMITER}{value.strip()}")
+            messages.append(assistant_message(value.strip()))
         elif role == "system" and n == 0:
-            system = value.strip()
+            if value.strip() != DEFAULT_SYSTEM:
+                messages.append({"role": "system", "content": value.strip()})
         else:
             raise ValueError(f"turn {n} has an unknown 'from': {role!r} (expected human or gpt)")
-    return conversation_text(lines, system)
+    return messages
 
 
-def caption_to_text(caption: str, system: str = DEFAULT_SYSTEM) -> str:
-    """The stage-1 (pre-training) conversation for an image–caption pair: `system\\nHuman: <image>\\nAI: caption`.
+def caption_messages(caption: str) -> list[dict[str, Any]]:
+    """The stage-1 (pre-training) conversation for an image–caption pair: the image as the user's turn, the
+    caption (stripped) as the answer.
 
-    Upstream never released its stage-1 data or prompt, so this is our choice: the image as a human turn and the
-    caption as the answer, in the same template as instruction tuning, so the loss falls on the caption alone.
+    Upstream never released its stage-1 data or prompt, so this is our choice: the same template as instruction
+    tuning (with its default system line), so the loss falls on the caption alone.
     """
-    return conversation_text([f"Human: {IMAGE_TAG}", f"{AI_DELIMITER}{caption.strip()}"], system)
+    return [{"role": "user", "content": [{"type": "image"}]}, assistant_message(caption.strip())]
+
+
+def image_count_mismatch(sample: Sample) -> str | None:
+    """None when the sample's conversation has one `<image>` per listed image, else what differs
+    (`processing.media_count_mismatch`)."""
+    return media_count_mismatch([build_prompt(sample.messages, add_generation_prompt=False)], len(sample.images))
 
 
 def read_samples(path: str | Path, image_root: str | Path | None = None, format: str = "auto") -> list[Sample]:
@@ -257,11 +219,11 @@ def read_samples(path: str | Path, image_root: str | Path | None = None, format:
 
     Files are jsonl (one JSON object a line; blank lines are skipped) or a JSON array of objects. Formats:
 
-    - "upstream": `{"text": conversation, "image": [paths], "task_type": "..._sft"}`; `image` optional (text-only)
-      and may be a single path; `task_type` is ignored.
+    - "upstream": `{"text": conversation, "image": [paths], "task_type": "..._sft"}`, the text parsed by
+      `prompts.parse_prompt`; `image` optional (text-only) and may be a single path; `task_type` is ignored.
     - "llava": `{"id", "image": path or [paths], "conversations": [{"from": "human" | "gpt", "value"}]}`, converted
-      by `llava_to_text`; `image` optional.
-    - "caption": `{"image": path, "caption": text}`, converted by `caption_to_text` (stage 1).
+      by `llava_messages`; `image` optional.
+    - "caption": `{"image": path, "caption": text}`, converted by `caption_messages` (stage 1).
     - "auto": chosen from the first record's keys: `conversations` → llava, `caption` → caption, `text` → upstream.
 
     A record's `id` (string or number) is kept; without one the id is its 1-based line number (jsonl) or its
@@ -278,7 +240,7 @@ def read_samples(path: str | Path, image_root: str | Path | None = None, format:
     Raises:
         FileNotFoundError: no such file.
         ValueError: an unknown format, a file whose format can't be told, or a malformed record (invalid JSON, a
-            missing or mistyped field, as many `<image>` tags as images listed); the message names `file:line`
+            missing or mistyped field, not as many `<image>` tags as images listed); the message names `file:line`
             (jsonl) or `file[index]` (JSON array).
     """
     if format not in FORMATS:
@@ -364,14 +326,15 @@ def _string_field(record: dict[str, Any], key: str) -> str:
 
 
 def _upstream_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
-    return Sample(_sample_id(record, default_id), _string_field(record, "text"), _image_paths(record, root))
+    text = _string_field(record, "text")
+    return Sample(_sample_id(record, default_id), parse_prompt(text), _image_paths(record, root))
 
 
 def _llava_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("'conversations' must be a non-empty list")
-    return Sample(_sample_id(record, default_id), llava_to_text(conversations), _image_paths(record, root))
+    return Sample(_sample_id(record, default_id), llava_messages(conversations), _image_paths(record, root))
 
 
 def _caption_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
@@ -381,13 +344,13 @@ def _caption_sample(record: dict[str, Any], default_id: str, root: Path) -> Samp
     images = _image_paths(record, root, required=True)
     if len(images) != 1:
         raise ValueError(f"a caption record needs one image, got {len(images)}")
-    return Sample(_sample_id(record, default_id), caption_to_text(caption), images)
+    return Sample(_sample_id(record, default_id), caption_messages(caption), images)
 
 
 def _check_image_count(sample: Sample) -> None:
-    tags = sample.text.count(IMAGE_TAG)
-    if tags != len(sample.images):
-        raise ValueError(f"the text has {tags} {IMAGE_TAG} tag(s) but {len(sample.images)} image(s) are listed")
+    problem = image_count_mismatch(sample)
+    if problem:
+        raise ValueError(f"the text has {problem} are listed")
 
 
 # --- the dataset ---------------------------------------------------------------------------------
@@ -396,10 +359,10 @@ def _check_image_count(sample: Sample) -> None:
 class TrainDataset(torch.utils.data.Dataset):
     """Tokenized training samples with their images, ready for `collate`.
 
-    At construction every sample is checked and tokenized with `tokenize_conversation`; a sample is left out (and
-    never silently replaced by another) when:
+    At construction every sample is checked and tokenized with `tokenize_sample` (in the processor's prompt
+    format); a sample is left out (and never silently replaced by another) when:
 
-    - its text holds a different number of `<image>` tags than it lists images,
+    - its conversation holds a different number of `<image>` tags than it lists images (`image_count_mismatch`),
     - one of its images is missing or unreadable (see `check_images`),
     - no token of it is supervised (truncation to `max_length` cut every answer; these would give a NaN loss
       upstream).
@@ -455,32 +418,22 @@ class TrainDataset(torch.utils.data.Dataset):
         unsupervised: list[str] = []
         bad: list[str] = []  # image problems
         for sample in samples:
-            tags = sample.text.count(IMAGE_TAG)
-            if tags != len(sample.images):
-                self.skipped.append((sample.id, f"{tags} {IMAGE_TAG} tag(s) but {len(sample.images)} image(s)"))
-                bad.append(sample.id)
-                continue
-            if check_images != "none":
+            problem = image_count_mismatch(sample)
+            if problem is None and check_images != "none":
                 checks = (_check_image(p, image_problems, decode=check_images == "decode") for p in sample.images)
                 problem = next(filter(None, checks), None)
-                if problem:
-                    self.skipped.append((sample.id, problem))
-                    bad.append(sample.id)
-                    continue
-            if processor.prompt_format == "chat-template":
-                tokens = tokenize_chat_conversation(sample.text, processor, max_length)
-            else:
-                tokens = tokenize_conversation(
-                    sample.text, processor.tokenizer, max_length, num_visual_tokens=processor.num_visual_tokens
-                )
+            if problem:
+                self.skipped.append((sample.id, problem))
+                bad.append(sample.id)
+                continue
+            tokens = tokenize_sample(sample.messages, processor, max_length)
             if tokens.num_supervised == 0:
                 unsupervised.append(sample.id)
                 self.skipped.append((sample.id, f"no supervised token within max_length={max_length}"))
                 continue
             length = tokens.length
-            labels = tokens.labels[:length]
             ids.extend(tokens.input_ids[:length].tolist())
-            supervised.extend((labels != IGNORE_INDEX).tolist())
+            supervised.extend((tokens.labels[:length] != IGNORE_INDEX).tolist())
             self._offsets.append(len(ids))
             self._num_images.append(tokens.num_images)
             self.samples.append(sample)
@@ -488,18 +441,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self._supervised = (
             torch.frombuffer(supervised, dtype=torch.int8).bool() if ids else torch.zeros(0, dtype=torch.bool)
         )
-        if unsupervised:
-            logger.warning(
-                "dropped %d of %d samples with no supervised token (truncation to max_length=%d cut every answer): "
-                "%s",
-                len(unsupervised), len(samples), max_length, _some_ids(unsupervised),
-            )  # fmt: skip
-        if bad:
-            logger.warning(
-                "skipped %d of %d samples whose images are missing, unreadable or not one per <image> tag: %s "
-                "(see report())",
-                len(bad), len(samples), _some_ids(bad),
-            )  # fmt: skip
+        _warn_left_out(len(samples), max_length, unsupervised, bad)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -578,6 +520,22 @@ def _check_image(path: Path, cache: dict[Path, str | None], decode: bool = False
             except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
                 cache[path] = f"unreadable image {path} ({err})"
     return cache[path]
+
+
+def _warn_left_out(total: int, max_length: int, unsupervised: Sequence[str], bad: Sequence[str]) -> None:
+    """One warning for the samples dropped for having no supervised token, one for those skipped for their images."""
+    if unsupervised:
+        logger.warning(
+            "dropped %d of %d samples with no supervised token (truncation to max_length=%d cut every answer): "
+            "%s",
+            len(unsupervised), total, max_length, _some_ids(unsupervised),
+        )  # fmt: skip
+    if bad:
+        logger.warning(
+            "skipped %d of %d samples whose images are missing, unreadable or not one per <image> tag: %s "
+            "(see report())",
+            len(bad), total, _some_ids(bad),
+        )  # fmt: skip
 
 
 def _some_ids(ids: Sequence[str], limit: int = 5) -> str:

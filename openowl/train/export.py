@@ -1,8 +1,7 @@
-"""After training: merge LoRA into the base weights, save or load the adapter alone, or write the upstream layout.
+"""After training: save or load the adapter alone, or write the upstream layout.
 
-- `merge_lora(model)` folds every LoRA update into its Linear and puts the plain Linear back: the model then has
-  exactly the released key names, so `model.save_pretrained(folder)` (sharded safetensors) is the safetensors
-  export.
+- Merging LoRA into the base weights is `openowl.model.lora.merge_lora`: the model then has exactly the released
+  key names, so `model.save_pretrained(folder)` (sharded safetensors) is the safetensors export.
 - `save_adapter` / `load_adapter`: only the LoRA weights, in PEFT's format (`adapter_model.safetensors` with
   `base_model.model.`-prefixed keys, `adapter_config.json`), as upstream's PEFT training wrote them.
 - `save_upstream`: one `pytorch_model.bin` (bfloat16, like the released files) + `config.json`, LoRA merged.
@@ -10,54 +9,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from openowl.checkpoint import BIN_INDEX, SAFE_INDEX, CheckpointError
-from openowl.train.policy import ADAPTER_NAME, has_lora, inject_lora, is_lora_parameter
+from openowl.checkpoint import BIN_INDEX, SAFE_INDEX, CheckpointError, storable
+from openowl.files import atomic_write
+from openowl.model.lora import ADAPTER_NAME, has_lora, inject_lora, is_lora_parameter, merged_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before every key of the wrapped model
-
-
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
-
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base Linear and put the plain Linear back, in place.
-
-    Returns:
-        The same model, without LoRA layers: its state dict has exactly the released key names.
-    """
-    for name, layer in _lora_layers(model):
-        layer.merge(safe_merge=True)  # computes out of place and checks for NaNs
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict `merge_lora` would leave, computed without changing the model.
-
-    Each merged weight is `W + (alpha / r) · B @ A` summed in float32 and cast to W's dtype; LoRA keys are dropped.
-    """
-    state = {key: value for key, value in model.state_dict().items() if not is_lora_parameter(key)}
-    for name, layer in _lora_layers(model):
-        weight = layer.get_base_layer().weight
-        pending = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
-        delta = sum(layer.get_delta_weight(adapter).float() for adapter in pending)
-        state[f"{name}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
-    return state
 
 
 # --- the adapter alone ---------------------------------------------------------------------------
@@ -138,23 +102,11 @@ def save_upstream(model: nn.Module, folder: str | Path, dtype: torch.dtype = tor
     for key, value in merged_state_dict(model).items():
         ident = (value.device, value.data_ptr(), value.dtype, tuple(value.shape))
         if ident not in stored:
-            stored[ident] = _storable(value, dtype)
+            stored[ident] = storable(value, dtype)
         state[key] = stored[ident]
-    tmp = folder / ".pytorch_model.bin.tmp"
-    torch.save(state, tmp)
-    model.config.to_json_file(folder / "config.json")
+    atomic_write(folder / "config.json", model.config.to_json_file)
     for stale in [*folder.glob("model*.safetensors"), *folder.glob("pytorch_model-*.bin")]:
         stale.unlink()
     for index in (SAFE_INDEX, BIN_INDEX):
         (folder / index).unlink(missing_ok=True)
-    os.replace(tmp, folder / "pytorch_model.bin")
-
-
-def _storable(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    tensor = tensor.contiguous()
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.clone()  # a view would drag its whole storage into the file
-    return tensor
+    atomic_write(folder / "pytorch_model.bin", lambda path: torch.save(state, path))

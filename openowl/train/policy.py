@@ -1,6 +1,6 @@
 """Freezing as data: which parts of the owl train, in full or through LoRA, and the presets of the two stages.
 
-The model has three parts. `vision` owns `vision_model.*`; `abstractor` owns `query_tokens`,
+The model has three parts (`MODEL_PARTS`). `vision` owns `vision_model.*`; `abstractor` owns `query_tokens`,
 `temporal_query_tokens` and `abstractor.*`; `language_model` owns `language_model.*`. A `TrainPolicy` gives each
 part a mode: "frozen" (no parameter trains), "full" (every parameter trains) or "lora" (PEFT LoRA layers are
 injected on the part's Linear layers named in `LoraSettings.targets`, and only they train).
@@ -11,9 +11,7 @@ LoRA targets are matched by a Linear's own name, within the LoRA parts only:
 - vision: `query_key_value dense fc1 fc2`
 - abstractor: `query key value out_proj w1 w2 w3 visual_fc` (+ `temporal_visual_fc` in video models)
 
-State-dict keys stay in the released layout: a LoRA-wrapped Linear keeps its weight under `...q_proj.weight` (not
-PEFT's `...q_proj.base_layer.weight`), next to `...q_proj.lora_A.default.weight` and `...lora_B.default.weight`.
-(`named_parameters()` still shows PEFT's `base_layer` names; only the state dict is renamed, both ways.)
+LoRA layers are injected by `openowl.model.lora`, which keeps the released key names in the state dict.
 
 Frozen parts need no `torch.no_grad()` in the training loop: a part whose weights and inputs don't require grad
 records no autograd graph (in stage 2 the vision tower and the abstractor run graph-free on their own). Backprop
@@ -31,18 +29,19 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 from torch import nn
 
+from openowl.model.lora import has_lora, inject_lora, is_lora_parameter
+
 if TYPE_CHECKING:  # peft is imported when LoRA is first used: it is slow to import
     from peft import LoraConfig
 
 Part = Literal["frozen", "full", "lora"]
-PARTS = ("vision", "abstractor", "language_model")  # in data-flow order
+MODEL_PARTS = ("vision", "abstractor", "language_model")  # in data-flow order
 # The top-level attribute names each part owns.
 PART_ROOTS = {
     "vision": ("vision_model",),
     "abstractor": ("query_tokens", "temporal_query_tokens", "abstractor"),
     "language_model": ("language_model",),
 }
-ADAPTER_NAME = "default"
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class TrainPolicy:
     lora: LoraSettings = LoraSettings()
 
     def __post_init__(self) -> None:
-        for part in PARTS:
+        for part in MODEL_PARTS:
             if getattr(self, part) not in get_args(Part):
                 raise ValueError(f"{part}: unknown mode {getattr(self, part)!r}; use one of {get_args(Part)}")
 
@@ -113,7 +112,7 @@ def get_policy(name: str) -> TrainPolicy:
 
 def trainable_parts(policy: TrainPolicy) -> set[str]:
     """The parts that have trainable parameters (mode "full" or "lora")."""
-    return {part for part in PARTS if getattr(policy, part) != "frozen"}
+    return {part for part in MODEL_PARTS if getattr(policy, part) != "frozen"}
 
 
 def backward_parts(policy: TrainPolicy) -> set[str]:
@@ -122,8 +121,8 @@ def backward_parts(policy: TrainPolicy) -> set[str]:
     Only these need activations kept for the backward pass; the others run without an autograd graph.
     """
     trainable = trainable_parts(policy)
-    first = next((i for i, part in enumerate(PARTS) if part in trainable), len(PARTS))
-    return set(PARTS[first:])
+    first = next((i for i, part in enumerate(MODEL_PARTS) if part in trainable), len(MODEL_PARTS))
+    return set(MODEL_PARTS[first:])
 
 
 def part_of(name: str) -> str:
@@ -155,7 +154,7 @@ def apply_policy(model: nn.Module, policy: TrainPolicy, gradient_checkpointing: 
         ValueError: a LoRA part in which no Linear matches the targets, a target that matches nothing, or LoRA
             asked of a model that already has LoRA layers.
     """
-    lora_parts = [part for part in PARTS if getattr(policy, part) == "lora"]
+    lora_parts = [part for part in MODEL_PARTS if getattr(policy, part) == "lora"]
     if lora_parts:
         if has_lora(model):
             raise ValueError("the model already has LoRA layers; apply a policy to a model without them")
@@ -218,16 +217,6 @@ def set_gradient_checkpointing(model: nn.Module, parts: set[str]) -> None:
 # --- LoRA ----------------------------------------------------------------------------------------
 
 
-def is_lora_parameter(name: str) -> bool:
-    return ".lora_" in name
-
-
-def has_lora(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(module, LoraLayer) for module in model.modules())
-
-
 def lora_config(model: nn.Module, parts: list[str], settings: LoraSettings) -> LoraConfig:
     """The `peft.LoraConfig` adapting the Linear layers named in `settings.targets` within `parts`.
 
@@ -269,44 +258,3 @@ def _linear_names(model: nn.Module, part: str) -> set[str]:
         for name, module in model.named_modules()
         if name and isinstance(module, nn.Linear) and part_of(name) == part
     }
-
-
-def inject_lora(model: nn.Module, config: LoraConfig) -> None:
-    """Wrap the Linear layers `config` targets in PEFT LoRA layers, in place, keeping the released key names.
-
-    Adapter weights are float32 whatever the base dtype (PEFT's `autocast_adapter_dtype`); the LoRA forward casts
-    its input to them and its output back. PEFT marks only adapter weights trainable; callers set the rest.
-    """
-    from peft import inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            _keep_base_key_names(module)
-            for name, param in module.named_parameters():
-                if is_lora_parameter("." + name) and param.dtype in (torch.float16, torch.bfloat16):
-                    param.data = param.data.float()
-
-
-def _keep_base_key_names(layer: nn.Module) -> None:
-    """State-dict hooks: the wrapped Linear's `base_layer.weight` is saved and loaded as plain `weight`."""
-    if getattr(layer, "_openowl_key_hooks", False):
-        return
-    layer.register_state_dict_post_hook(_drop_base_layer_prefix)
-    layer.register_load_state_dict_pre_hook(_add_base_layer_prefix)
-    layer._openowl_key_hooks = True
-
-
-def _drop_base_layer_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    inner = prefix + "base_layer."
-    items = list(state_dict.items())  # rebuilt in order, so each weight keeps its place in the dict
-    state_dict.clear()
-    state_dict.update((prefix + key[len(inner) :] if key.startswith(inner) else key, value) for key, value in items)
-
-
-def _add_base_layer_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    base = module.get_base_layer()
-    for name in [*base._parameters, *base._buffers]:
-        if prefix + name in state_dict:
-            state_dict[prefix + "base_layer." + name] = state_dict.pop(prefix + name)

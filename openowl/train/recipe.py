@@ -1,36 +1,53 @@
-"""The training recipe for both stages: `setup`, `train`, `save_checkpoint`, driven by a `TrainConfig`.
+"""The training recipe for both stages: `setup`, `train`, `save_checkpoint`, `resume`, `export`, driven by a
+`TrainConfig`.
 
-One process or many (launched by `accelerate launch` / `torchrun`: DDP, FSDP or DeepSpeed through accelerate).
-Every optimizer step takes one global batch of `micro_batch_size × grad_accum × world_size` samples and
-normalises the loss by the global number of supervised tokens, so the same global batch gives the same update
-however it is split across processes and accumulation steps.
+One process or many (launched by `accelerate launch` / `torchrun`: DDP, FSDP or DeepSpeed through accelerate; the
+set-up and the sharded state are `train/distributed.py`'s). Every optimizer step takes one global batch of
+`micro_batch_size × grad_accum × world_size` samples and normalises the loss by the global number of supervised
+tokens, so the same global batch gives the same update however it is split across processes and accumulation
+steps.
 
-Checkpoints hold what the run changes (the trainable weights), the optimizer, the scheduler, the RNG states and
-the data position; they are written to a temporary folder, fsynced and renamed, so a checkpoint folder that
-exists is complete. `resume` continues bit for bit where the checkpoint left off.
+Checkpoints hold what the run changes (the trainable weights), the optimizer, the scheduler, the RNG states
+(`train/rng.py`) and the data position; they are written to a temporary folder, fsynced and renamed
+(`openowl.files`), so a checkpoint folder that exists is complete. `resume` continues bit for bit where the
+checkpoint left off. At the end of a run the main process draws the loss curve (`train/plot.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import shutil
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from openowl import files
+from openowl.model.lora import merge_lora
 from openowl.model.owl import OwlForConditionalGeneration, causal_lm_loss
 from openowl.processing import OwlProcessor
 from openowl.train.config import OptimSection, TrainConfig
+from openowl.train.data import LengthGroupedSampler, TrainDataset, collate, read_samples
+from openowl.train.distributed import (
+    configure_deepspeed,
+    deepspeed_engine,
+    full_optimizer_state,
+    full_trainable_state,
+    gather_weights,
+    is_sharded,
+    load_optimizer_state,
+    load_trainable_state,
+    make_accelerator,
+    plain_init,
+)
+from openowl.train.export import save_adapter
+from openowl.train.plot import plot_losses
+from openowl.train.policy import PART_ROOTS, POLICIES, apply_policy, backward_parts, store_frozen_linears
+from openowl.train.rng import load_rng_state, save_rng_state, seed_everything, state_name
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -46,19 +63,31 @@ class TrainRecipe:
     # --- setup ---------------------------------------------------------------------------------
 
     def setup(self, resume: str | Path | None = None) -> None:
-        from accelerate.utils import DistributedType
-
-        from openowl.train.data import LengthGroupedSampler, TrainDataset, read_samples
-        from openowl.train.policy import POLICIES, apply_policy, store_frozen_linears
-
+        """Build the accelerator, the model with its policy, the data, the optimizer and its schedule; then resume
+        from a checkpoint (a folder, or a run folder's newest) when given one."""
         cfg = self.cfg
-        self.accelerator = _accelerator(cfg.train.grad_accum)
-        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        self.accelerator = make_accelerator(cfg.train.grad_accum)
+        sharded = is_sharded(self.accelerator)
         if cfg.train.compile and sharded:
             raise ValueError("train.compile works in one process or under DDP, not with DeepSpeed or FSDP")
-        self._configure_deepspeed()
-        _seed_everything(cfg.train.seed)
-        with _plain_init(self.accelerator.state.deepspeed_plugin):
+        t = cfg.train
+        configure_deepspeed(self.accelerator, t.micro_batch_size, t.grad_accum, cfg.optim.max_grad_norm)
+        seed_everything(t.seed)
+        self._setup_model(sharded)
+        self._setup_data()
+        self._setup_optimizer()
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.out = Path(t.output_dir)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if resume is not None:
+            self.resume(resume)
+
+    def _setup_model(self, sharded: bool) -> None:
+        """The model and processor, the policy applied (what trains), frozen bf16 Linears, compiled layers."""
+        cfg = self.cfg
+        with plain_init(self.accelerator.state.deepspeed_plugin):
             self.model, self.processor = self._load_model()
         if cfg.policy not in POLICIES:
             raise ValueError(f"unknown policy {cfg.policy!r}; known: {', '.join(POLICIES)}")
@@ -76,6 +105,9 @@ class TrainRecipe:
         if not self.trainable:
             raise ValueError(f"policy {cfg.policy!r} leaves nothing to train")
 
+    def _setup_data(self) -> None:
+        """The training (and dev) datasets and the sampler of global batches; the number of steps."""
+        cfg = self.cfg
         samples = read_samples(cfg.data.train, image_root=cfg.data.image_root, format=cfg.data.format)
         self.dataset = TrainDataset(samples, self.processor, cfg.data.max_length, train=True, seed=cfg.train.seed)
         if len(self.dataset) == 0:
@@ -92,34 +124,15 @@ class TrainRecipe:
         self.steps_per_epoch = max(1, self.sampler.num_batches // cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
 
-        o = cfg.optim
+    def _setup_optimizer(self) -> None:
+        """The optimizer and its schedule, and the model and optimizer prepared by the accelerator."""
+        o = self.cfg.optim
         self.optimizer = make_optimizer(list(self.trainable.values()), o)
         self.scheduler = _schedule(self.optimizer, o.schedule, o.warmup_steps, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         # Sharding (FSDP) may have replaced the parameters: clip what the optimizer now holds.
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.out = Path(cfg.train.output_dir)
-        if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if resume is not None:
-            self.resume(resume)
-
-    def _configure_deepspeed(self) -> None:
-        """Under DeepSpeed the recipe's batch, accumulation and clipping settings win over the accelerate file's
-        (DeepSpeed's engine applies them itself: it steps only at the accumulation boundary and clips there)."""
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None:
-            return
-        t = self.cfg.train
-        plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=t.micro_batch_size,
-            gradient_accumulation_steps=t.grad_accum,
-            train_batch_size=t.micro_batch_size * t.grad_accum * self.accelerator.num_processes,
-            gradient_clipping=self.cfg.optim.max_grad_norm or 0.0,
-        )
 
     def _load_model(self) -> tuple[OwlForConditionalGeneration, OwlProcessor]:
         m = self.cfg.model
@@ -180,8 +193,6 @@ class TrainRecipe:
 
     def _batches(self):
         """Endless micro-batches for this process, continuing from (epoch, batch_in_epoch)."""
-        from openowl.train.data import collate
-
         acc, per = self.accelerator, self.cfg.train.micro_batch_size
         pad = self.processor.tokenizer.pad_token_id
         while True:
@@ -243,8 +254,6 @@ class TrainRecipe:
         dropout there would only add noise (and make a run depend on how its batch is split). Frozen parts that
         backward runs through (the LLM in stage 1) stay in train mode, which keeps their gradient checkpointing.
         Upstream left every part in train mode."""
-        from openowl.train.policy import PART_ROOTS, backward_parts
-
         model = self.accelerator.unwrap_model(self.model)
         model.train()
         for part, roots in PART_ROOTS.items():
@@ -261,8 +270,6 @@ class TrainRecipe:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted mean loss over the dev set."""
-        from openowl.train.data import collate
-
         self.model.eval()
         total, count = 0.0, 0
         per = self.cfg.train.micro_batch_size
@@ -300,12 +307,12 @@ class TrainRecipe:
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
         trainable = full_trainable_state(model, acc.is_main_process)
-        engine = self._deepspeed_engine()
+        engine = deepspeed_engine(self.accelerator, self.model)
         if engine is not None:  # each process writes its shard of the optimizer state
             engine.save_checkpoint(str(tmp / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
         else:
             optimizer = full_optimizer_state(model, self.optimizer.optimizer, acc.is_main_process)
-        _save_rng_state(tmp, self._rng_name())  # each process draws its own dropout masks
+        save_rng_state(tmp, self._rng_name())  # each process draws its own dropout masks
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
@@ -316,23 +323,16 @@ class TrainRecipe:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
         for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # files, then their folders
-            _fsync(path)
+            files.fsync(path)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(self.out)
+        files.replace(tmp, final)
         for old in checkpoints(self.out)[: -self.cfg.train.keep_last or None]:
             shutil.rmtree(old)
         return final
 
     def _rng_name(self) -> str:
-        acc = self.accelerator
-        return "rng" if acc.num_processes == 1 else f"rng-{acc.process_index}"
-
-    def _deepspeed_engine(self):
-        from accelerate.utils import DistributedType
-
-        return self.model if self.accelerator.distributed_type == DistributedType.DEEPSPEED else None
+        return state_name(self.accelerator.process_index, self.accelerator.num_processes)
 
     def resume(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint folder, or from the
@@ -348,7 +348,7 @@ class TrainRecipe:
         mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if saved.keys() != mine.keys():
             raise ValueError(f"{path}: its trainable tensors don't match this config's policy ({self.cfg.policy})")
-        engine = self._deepspeed_engine()
+        engine = deepspeed_engine(self.accelerator, self.model)
         if engine is not None:  # weights (fp32 master copies included) and this process's optimizer shard
             if not (path / DEEPSPEED_FOLDER).is_dir():
                 raise ValueError(f"{path}: not written by a DeepSpeed run, which keeps its optimizer state sharded")
@@ -361,7 +361,7 @@ class TrainRecipe:
             optimizer = torch.load(path / "optimizer.pt", weights_only=True)
             load_optimizer_state(model, self.optimizer.optimizer, optimizer)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _load_rng_state(path, self._rng_name())
+        load_rng_state(path, self._rng_name())
         state = json.loads((path / "state.json").read_text())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         logger.info("resumed from %s at step %d", path, self.step)
@@ -369,16 +369,9 @@ class TrainRecipe:
     def export(self, folder: str | Path) -> Path | None:
         """The trained model as a normal checkpoint folder (LoRA merged), loadable by `from_pretrained`. Every
         process calls it; the main process writes it and returns the folder."""
-        from openowl.train.export import merge_lora, save_adapter
-
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
-        # Under ZeRO-3 each process holds a shard: gather the weights into the main process's model.
-        if _is_zero3(model.parameters()):
-            state = acc.get_state_dict(self.model)
-            if acc.is_main_process:
-                for name, param in model.named_parameters():
-                    param.data = state[name]
+        gather_weights(acc, self.model)  # ZeRO-3's shards, whole in the main process's model
         if not acc.is_main_process:
             return None
         for name in self.bf16_linears:  # back to the model's dtype (losslessly) before LoRA is merged into them
@@ -392,104 +385,24 @@ class TrainRecipe:
         return folder
 
 
-def _accelerator(grad_accum: int):
-    """accelerate's own CPU path (`cpu=True`) only knows DDP; a DeepSpeed launch on a machine without a GPU gets
-    the non-CPU path with gloo, which DeepSpeed's CPU accelerator runs."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> dict | None:
+    """The `openowl train` job: set up (resuming when `resume` is given: a checkpoint or run folder, or "" for the
+    newest checkpoint of the run's own output folder), train, export to `output_dir/final`.
 
-    if torch.cuda.is_available():
-        return Accelerator(gradient_accumulation_steps=grad_accum)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        gloo = InitProcessGroupKwargs(backend="gloo")
-        return Accelerator(cpu=False, gradient_accumulation_steps=grad_accum, kwargs_handlers=[gloo])
-    return Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
-
-
-def _is_zero3(params: Iterable[torch.nn.Parameter]) -> bool:
-    return any(hasattr(p, "ds_id") for p in params)  # DeepSpeed marks the weights it partitions
-
-
-def _gathered(params: list[torch.nn.Parameter]):
-    """Inside, ZeRO-3-partitioned weights are whole (read-only); other weights are left as they are."""
-    if not _is_zero3(params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)
-
-
-@contextlib.contextmanager
-def _plain_init(plugin):
-    """Build the model as without DeepSpeed: accelerate announces ZeRO-3 to transformers, which would then create
-    the LM's layers already partitioned, and our loader fills its weights itself. ZeRO-3 partitions them in
-    `prepare`."""
-    if plugin is None:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
-
-
-def full_trainable_state(model: torch.nn.Module, main: bool) -> dict[str, torch.Tensor]:
-    """Whole copies of the trainable weights, on the main process (empty on the others). Every process calls it:
-    ZeRO-3 and FSDP2 hold a shard of each weight in every process, gathered here one weight at a time."""
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            with _gathered([param]):
-                whole = param.full_tensor() if isinstance(param, DTensor) else param
-                if main:
-                    out[name] = whole.detach().to("cpu", copy=True)  # a copy: ZeRO keeps weights in flat buffers
-    return out
-
-
-def load_trainable_state(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Copy whole weights (`full_trainable_state`'s) into the model; each FSDP2 process keeps its own shard."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            param = params[name]
-            if isinstance(param, DTensor):
-                tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
-            param.copy_(tensor)
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: bool) -> dict | None:
-    """The optimizer state on the main process (None on the others). Under FSDP2 each process holds the state of
-    its shards: it is gathered into one state keyed by parameter name, as torch.distributed.checkpoint does."""
-    if not _is_fsdp2(model):
-        return optimizer.state_dict() if main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_optimizer_state_dict(model, optimizer, options=options)
-    return state if main else None
-
-
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """The inverse of `full_optimizer_state`; every process passes the whole state and keeps its part."""
-    if not _is_fsdp2(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _is_fsdp2(model: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    Every process calls it. Returns the last metrics with the exported folder (`model`) on the main process, None
+    on the others.
+    """
+    recipe = TrainRecipe(cfg)
+    if resume is not None:
+        resume = resume or cfg.train.output_dir
+    recipe.setup(resume=resume)
+    metrics = recipe.train()
+    folder = recipe.export(Path(cfg.train.output_dir) / "final")  # every process takes part, the main one writes
+    # Every process waits for the export, then leaves the process group: a process that exits while the group's
+    # threads run can abort (seen under DeepSpeed ZeRO-3 on gloo) and fail the whole launch.
+    recipe.accelerator.wait_for_everyone()
+    recipe.accelerator.end_training()
+    return None if folder is None else {**metrics, "model": str(folder)}
 
 
 def compile_layers(model: torch.nn.Module) -> int:
@@ -508,8 +421,8 @@ def compile_layers(model: torch.nn.Module) -> int:
 
 
 def make_optimizer(trainable: list[torch.nn.Parameter], o: OptimSection) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only, fused (one pass over each tensor: on a CPU about 7× faster than
-    the default per-tensor loop, which re-reads the weights and both moments for every elementwise op)."""
+    """AdamW with weight decay on matrices only, fused: one pass over each tensor, where the default per-tensor
+    loop re-reads the weights and both moments for every elementwise op (docs/performance.md)."""
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -538,84 +451,9 @@ def _schedule(optimizer, kind: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _save_rng_state(folder: Path, name: str) -> None:
-    """Python and numpy RNG states as JSON, torch's as tensors: nothing that needs unpickling to read back."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
-    (folder / f"{name}.json").write_text(json.dumps(state))
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(tensors, folder / f"{name}.safetensors")
-
-
-def _load_rng_state(folder: Path, name: str) -> None:
-    if not (folder / f"{name}.json").is_file():  # resumed on another number of processes
-        logger.warning("%s: no RNG state for this process (%s); random draws will differ from the original run",
-                       folder, name)  # fmt: skip
-        return
-    state = json.loads((folder / f"{name}.json").read_text())
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = load_file(folder / f"{name}.safetensors")
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a file or a folder
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tensorboard(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: the jsonl log is enough
         return None
     return SummaryWriter(str(folder / "tensorboard"))
-
-
-def plot_losses(metrics: Path, target: Path, size: tuple[int, int] = (640, 400)) -> None:
-    """A loss-curve PNG from the metrics log (training loss, and dev loss points where logged)."""
-    from PIL import Image, ImageDraw
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    dev = [(r["step"], r["dev_loss"]) for r in rows if "dev_loss" in r]
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    points = train + dev
-    if points:
-        (x0, x1), (y0, y1) = _span([p[0] for p in points]), _span([p[1] for p in points])
-        w, h, m = size[0], size[1], 40
-
-        def xy(step, loss):
-            return m + (step - x0) / (x1 - x0) * (w - 2 * m), h - m - (loss - y0) / (y1 - y0) * (h - 2 * m)
-
-        draw.line([(m, m), (m, h - m), (w - m, h - m)], fill="black")
-        draw.text((m, 10), f"loss {y0:.3f} .. {y1:.3f}, steps {x0:g} .. {x1:g}", fill="black")
-        if len(train) > 1:
-            draw.line([xy(*p) for p in train], fill="steelblue", width=2)
-        for p in dev:
-            x, y = xy(*p)
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="darkorange")
-    image.save(target)
-
-
-def _span(values: list[float]) -> tuple[float, float]:
-    low, high = min(values), max(values)
-    return (low, high) if high > low else (low - 1, high + 1)

