@@ -10,7 +10,9 @@ folder, starts `openowl serve` on it in a subprocess on a free loopback port, an
 
 Every request is an image of its own and a question, greedy, streamed over server-sent events, `--new-tokens` long.
 Tokens are counted from each stream's `usage`. The server's metrics give the mean rows per decoding step (how full the
-batch was). Prints a table and, last, one JSON line with the medians and the ratio.
+batch was). Then, once: the gaps between one stream's chunks while a `--long-prompt`-token prompt arrives mid-stream
+(its prefill runs `--prefill-chunk` tokens per step, between the stream's decoding steps; `--prefill-chunk 100000`
+shows the stall of prefilling it at once). Prints a table and, last, one JSON line with the medians and the ratio.
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(folder: Path, port: int, batch: int) -> subprocess.Popen:
+def start_server(folder: Path, port: int, batch: int, prefill_chunk: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "openowl", "serve", "--model", str(folder), "--port", str(port),
                "--served-model-name", MODEL_NAME, "--max-batch-size", str(batch), "--max-queue", str(4 * batch),
-               "--log-level", "warning"]  # fmt: skip
+               "--prefill-chunk", str(prefill_chunk), "--log-level", "warning"]  # fmt: skip
     server = subprocess.Popen(command)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -126,6 +128,29 @@ async def run_mode(url: str, bodies: list[dict], concurrent: bool) -> dict:
             "rows_per_step": generated / max(steps, 1)}  # fmt: skip
 
 
+async def stall(url: str, body: dict, long_prompt: int) -> dict:
+    """The gaps between one stream's chunks while a `long_prompt`-token prompt arrives after its 8th chunk."""
+    times: list[float] = []
+    long_body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "the " * long_prompt}],
+                 "max_tokens": 1, "stream": True}  # fmt: skip
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+
+        async def stream() -> None:
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+
+        task = asyncio.create_task(stream())
+        while len(times) < 8 and not task.done():
+            await asyncio.sleep(0.001)
+        await one_request(http, long_body)
+        await task
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"long_prompt": long_prompt, "max_gap_s": max(gaps), "median_gap_s": statistics.median(gaps)}
+
+
 def metrics(url: str) -> dict[str, float]:
     lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
     return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
@@ -137,6 +162,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="requests per round (and the batch size)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each mode (medians reported)")
+    parser.add_argument("--long-prompt", type=int, default=900, help="tokens of the prompt that arrives mid-stream")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="the server's --prefill-chunk")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
@@ -144,7 +171,7 @@ def main() -> None:
         folder = Path(tmp) / args.preset
         write_random_model(args.preset, folder)
         port = free_port()
-        server = start_server(folder, port, args.clients)
+        server = start_server(folder, port, args.clients, args.prefill_chunk)
         url = f"http://127.0.0.1:{port}"
         try:
             bodies = [request_body(i, args.new_tokens) for i in range(args.clients)]
@@ -153,6 +180,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for mode in runs:
                     runs[mode].append(asyncio.run(run_mode(url, bodies, concurrent=mode == "concurrent")))
+            gaps = asyncio.run(stall(url, request_body(0, 4 * args.new_tokens), args.long_prompt))
         finally:
             server.terminate()
             server.wait(30)
@@ -166,9 +194,14 @@ def main() -> None:
               f"{m['rows_per_step']:>11.2f}")  # fmt: skip
     per_round = [c["tok_s"] / s["tok_s"] for c, s in zip(runs["concurrent"], runs["sequential"], strict=True)]
     print(f"concurrent / sequential throughput: {ratio:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in per_round)})")
+    print(
+        f"a stream's gaps while a {args.long_prompt}-token prompt arrives (--prefill-chunk {args.prefill_chunk}): "
+        f"max {gaps['max_gap_s'] * 1000:.0f} ms, median {gaps['median_gap_s'] * 1000:.0f} ms"
+    )
     result = {"preset": args.preset, "clients": args.clients, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "threads": int(os.environ["OMP_NUM_THREADS"]), "sequential": medians["sequential"],
-              "concurrent": medians["concurrent"], "ratio": ratio, "ratio_per_round": per_round}  # fmt: skip
+              "concurrent": medians["concurrent"], "ratio": ratio, "ratio_per_round": per_round,
+              "prefill_chunk": args.prefill_chunk, "stall": gaps}  # fmt: skip
     print(json.dumps(result))
 
 

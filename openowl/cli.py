@@ -4,7 +4,7 @@ openowl generate --model PATH_OR_ID --image photo.jpg --prompt "What is this?"
 openowl generate --model PATH_OR_ID --input questions.jsonl --output answers.jsonl
 openowl chat --model PATH_OR_ID [--image photo.jpg ...]
 openowl serve --model PATH_OR_ID [--port 8000 --api-key KEY]     (an OpenAI-compatible HTTP API)
-openowl demo --model PATH_OR_ID                                   (the same server; open the printed URL)
+openowl demo --model PATH_OR_ID                                   (a web chat page; open the printed URL)
 openowl eval TASK --model PATH_OR_ID [--limit N --batch-size B]     (a benchmark; --list shows them)
 openowl train --config CONFIG.yaml [KEY=VALUE ...]                (stage 1, stage 2, full fine-tuning)
 openowl data easy-vqa DIR                                         (owl-small's training files)
@@ -17,17 +17,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from openowl.constants import DTYPES
-from openowl.infer.sampling import PRESETS, SamplingParams
+if TYPE_CHECKING:  # the heavy modules (torch, transformers) are imported by the command that runs, not by --help
+    from openowl.infer.sampling import SamplingParams
 
 DEFAULT_MODEL = "owl-small"
+# The names the flags offer, spelled here so that a command's --help imports no torch; tests/test_cli.py checks
+# that they are the keys of `constants.DTYPES` and `infer.sampling.PRESETS`, their owners.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+PRESET_NAMES = ("greedy", "upstream", "upstream-demo")
 
 
 # --- shared arguments ----------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (refused at once otherwise, before anything loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +54,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"checkpoint folder, hub id (owner/name) or built-in model (default {DEFAULT_MODEL}: coloured shapes)",
     )
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)")
-    group.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
+    group.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                       help="weights dtype (default auto: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
+    group.add_argument("--device", default="auto",
+                       help="torch device: auto, cpu, cuda, cuda:1 ... (default auto: CUDA when present)")  # fmt: skip
     group.add_argument(
         "--quantize", choices=["int8", "int4"], help="weight-only quantization of the language model (torchao)"
     )
@@ -52,7 +71,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (flags override the preset)")
-    group.add_argument("--preset", choices=sorted(PRESETS), default="greedy", help="starting point (default greedy)")
+    group.add_argument("--preset", choices=PRESET_NAMES, default="greedy", help="starting point (default greedy)")
     group.add_argument("--max-new-tokens", type=int, help="most tokens to generate per answer")
     group.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None, help="sample, not greedy")
     group.add_argument("--temperature", type=float, help="softmax temperature when sampling")
@@ -65,6 +84,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
+    from openowl.infer.sampling import PRESETS
+
     changes = {
         name: getattr(args, name)
         for name in (
@@ -84,6 +105,13 @@ def _engine(args: argparse.Namespace):
     return load_engine(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile)
 
 
+def _engine_settings(args: argparse.Namespace) -> dict:
+    """What the answers of `_engine(args)` depend on, for the answer caches (the model is not loaded)."""
+    from openowl.infer.prepare import engine_settings
+
+    return engine_settings(args.model, args.dtype, args.device, args.quantize, args.compile)
+
+
 # --- the commands --------------------------------------------------------------------------------
 
 
@@ -98,7 +126,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--input needs --output FILE.jsonl")
     params = _sampling(args)  # bad sampling flags fail before the model loads
     if args.input is not None:
-        answer_file(lambda: _engine(args), Path(args.input), Path(args.output), params, args.batch_size)
+        settings = _engine_settings(args)
+        answer_file(lambda: _engine(args), Path(args.input), Path(args.output), params, args.batch_size, settings)
         return 0
     images = [load_image(path) for path in args.image]  # fail fast, before the model loads
     videos = [load_video_frames(path) for path in args.video]
@@ -128,6 +157,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args, config, lambda: _engine(args))
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from openowl.serve.demo import run_demo
+    from openowl.serve.launch import serve_config
+
+    if args.compile:
+        raise ValueError("--compile is for generate and chat: the demo's batch changes shape at every step")
+    config = serve_config(args, _sampling(args))  # bad flags fail before the model loads
+    return run_demo(lambda: _engine(args), config, args.host, args.port, open_browser=args.open)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from openowl.eval import results, runner, tasks
 
@@ -143,14 +182,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give a TASK: a task name or a FILE.jsonl (openowl eval --list shows the tasks)")
     task = tasks.get_task(args.task, args.metric)
     ratings = json.loads(Path(args.ratings).read_text()) if args.ratings else None
-    items = task.load(args.data)[: args.limit]  # read before the model loads: data errors show at once
     params = _sampling(args)
     if args.max_new_tokens is None:
         params = params.with_(max_new_tokens=task.max_new_tokens)
+    items = task.load(args.data)[: args.limit]  # read before the model loads: data errors show at once
     output = args.output or Path("eval_results") / task.name / runner.model_label(args.model)
     outcome = runner.evaluate(
         lambda: _engine(args), task, items, output, params, batch_size=args.batch_size, method=args.method,
         circular=args.circular, model=args.model, data=args.data, ratings=ratings,
+        engine_settings=_engine_settings(args),
     )  # fmt: skip
     print(results.markdown(outcome), end="")
     print(f"(answers and results in {output})", file=sys.stderr)
@@ -158,10 +198,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from openowl.train.config import load_config
+    from openowl.train.config import load_config, split_resume
     from openowl.train.recipe import run_training
 
-    metrics = run_training(load_config(args.config, args.overrides), resume=args.resume)
+    resume, overrides = split_resume(args.resume, args.overrides)  # `--resume train.epochs=2`: an override
+    metrics = run_training(load_config(args.config, overrides), resume=resume)
     if metrics is not None:
         print(json.dumps(metrics))
     return 0
@@ -192,7 +233,8 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="the question (one answer, streamed to stdout)")
     parser.add_argument("--input", help="questions.jsonl to answer in batches")
     parser.add_argument("--output", help="answers.jsonl to append to (resumable)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per batch with --input (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="questions per batch with --input (default 8)")  # fmt: skip
     _add_sampling_args(parser)
 
 
@@ -218,20 +260,21 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", nargs="+", metavar="DIR", help="print the results under these folders side by "
                         "side")  # fmt: skip
     _add_model_args(parser)
-    parser.add_argument("--limit", type=int, help="only the first N questions")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N questions")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="questions per batch (default 8)")
     parser.add_argument("--output", help="results folder (default eval_results/TASK/MODEL)")
     parser.add_argument("--data", help="where the task's data is: the OwlEval folder, a local copy of a hub dataset, "
                         "the EgoSchema videos")  # fmt: skip
-    parser.add_argument("--metric", help="override the metric (exact, vqa, yes-no, mme, hallusion, choice, caption, "
-                        "none)")  # fmt: skip
+    parser.add_argument("--metric", help="override the metric (exact, vqa, yes-no, pope, mme, hallusion, choice, "
+                        "caption, none)")  # fmt: skip
     parser.add_argument(
         "--method", choices=["generate", "likelihood"], default="generate",
         help="multiple choice: parse the generated letter, or pick the likeliest option text",
     )  # fmt: skip
     parser.add_argument(
-        "--circular", action=argparse.BooleanOptionalAction, default=True,
-        help="multiple choice: ask every rotation of the options; right if all are (MMBench)",
+        "--circular", action=argparse.BooleanOptionalAction, default=None,
+        help="multiple choice: ask every rotation of the options; right if all are (default: the benchmark's own "
+        "protocol, on for MMBench and jsonl files, off for SEED-Bench and EgoSchema)",
     )  # fmt: skip
     parser.add_argument("--ratings", help="owleval: ratings saved from report.html, tallied into the results")
     _add_sampling_args(parser)
@@ -239,7 +282,9 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--resume", nargs="?", const="", help="continue from the newest checkpoint (or this folder)")
+    parser.add_argument("--resume", nargs="?", const="", metavar="FOLDER",
+                        help="continue from the newest checkpoint (or this folder); a KEY=VALUE after it stays an "
+                        "override")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=2")
 
 
@@ -259,7 +304,7 @@ def _pack_args(parser: argparse.ArgumentParser) -> None:
 
 
 _SERVE_HELP = "an OpenAI-compatible HTTP API (chat completions with images, streaming, batching)"
-_DEMO_HELP = "the API plus a web page to chat with the model in a browser"
+_DEMO_HELP = "a web page to chat with the model about images in a browser (Gradio)"
 # name -> (help, description, add the arguments, run)
 COMMANDS: dict[str, tuple[str, str | None, Callable, Callable]] = {
     "generate": (
@@ -272,8 +317,9 @@ COMMANDS: dict[str, tuple[str, str | None, Callable, Callable]] = {
     "chat": ("an interactive multi-turn chat in the terminal", None, _chat_args, cmd_chat),
     "serve": (_SERVE_HELP, _SERVE_HELP + ". Sampling flags set the defaults that requests override.", _server_args,
               cmd_serve),
-    "demo": (_DEMO_HELP, _DEMO_HELP + ". Sampling flags set the defaults that requests override.", _server_args,
-             cmd_serve),
+    "demo": (_DEMO_HELP, _DEMO_HELP + ", over the server's batching scheduler (pip install -e '.[demo]'). Sampling "
+             "flags set the page's defaults; with --api-key the page asks for it as the password.", _server_args,
+             cmd_demo),
     "eval": (
         "run a benchmark: easy-vqa, owleval, mme, pope, mmbench, ... or a jsonl file",
         "Answer a benchmark's questions in batches (answers.jsonl in --output is a cache: an interrupted run "
@@ -292,31 +338,49 @@ COMMANDS: dict[str, tuple[str, str | None, Callable, Callable]] = {
 }  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from openowl.chat import CHAT_HELP
-
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; `commands`: the subcommands whose flags are added (default all). `main` adds only the one it
+    runs, so that `openowl --help` imports nothing heavy and each command imports only what its flags need."""
     parser = argparse.ArgumentParser(prog="openowl", description="mPLUG-Owl: chat about images and videos.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, description, add_arguments, run) in COMMANDS.items():
         if name == "chat":
+            from openowl.chat import CHAT_HELP
+
             description = CHAT_HELP
         command = sub.add_parser(name, help=help_, description=description or help_,
                                  formatter_class=argparse.RawDescriptionHelpFormatter if name == "chat" else
                                  argparse.HelpFormatter)  # fmt: skip
-        add_arguments(command)
+        if commands is None or name in commands:
+            add_arguments(command)
         command.set_defaults(func=run)
     return parser
 
 
+# Lines that optional packages log while they are imported, whatever the command: torchao's "Failed to load
+# ..._C_*.so" (kernels built for other GPUs) and torch's "... is an Enum subclass ..." from torchao's pytree
+# registrations. transformers imports torchao when it is installed (its quantizer module), so they are silenced
+# here rather than avoided.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    args = build_parser([argv[0]] if argv and argv[0] in COMMANDS else []).parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, OSError, ImportError, RuntimeError) as err:
-        print(f"openowl: error: {err}", file=sys.stderr)
+        print(f"openowl: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: its message with the whitespace collapsed (a library's message may span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -41,8 +41,10 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import constants, list_repo_files, snapshot_download
 
+    if not constants.HF_HUB_OFFLINE and not hub_reachable(constants.ENDPOINT):
+        return _from_cache(repo_id, revision, f"the hub ({constants.ENDPOINT}) can't be reached")
     patterns = HUB_FILES
     try:  # fetch one weight format: safetensors where the repo has them
         if any(name.endswith(".safetensors") for name in list_repo_files(repo_id, revision=revision)):
@@ -52,10 +54,41 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as err:  # the hub client raises many types: offline, 404, gated, HTTP errors
-        raise OSError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            "Check the network (or HF_HUB_OFFLINE), or download the checkpoint and pass its local folder."
-        ) from err
+        raise OSError(_hub_error(repo_id, f"{type(err).__name__}: {err}")) from err
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within `timeout` seconds: a machine without a network
+    answers in seconds here, where the hub client would retry for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True  # through a proxy: the hub client knows the way, a direct probe doesn't
+    url = urlsplit(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_cache(repo_id: str, revision: str | None, why: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception as err:
+        raise OSError(_hub_error(repo_id, f"{why}, and it is not in the local cache")) from err
+
+
+def _hub_error(repo_id: str, why: str) -> str:
+    why = " ".join(why.split())  # one line: the hub client's messages span several
+    return (
+        f"could not fetch {repo_id!r} from the Hugging Face hub ({why}). "
+        "Check the network (or HF_HUB_OFFLINE), or download the checkpoint and pass its local folder."
+    )
 
 
 def load_model(

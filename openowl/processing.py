@@ -3,7 +3,9 @@
 - Images: squash-resize to `size`×`size` (bicubic, aspect ratio not kept), scale to [0, 1], CLIP mean/std.
 - Video frames: shortest-edge resize + centre crop, then the same normalisation (the upstream video processor).
 - Prompts: one BOS, then each chunk between `<image>` / `<|video|>` tags tokenized on its own (so each chunk
-  gets SentencePiece's leading "▁"), each tag replaced by `num_visual_tokens` placeholder ids (-1 / -2).
+  gets SentencePiece's leading "▁"), each tag replaced by `num_visual_tokens` placeholder ids (-1 / -2). A rendered
+  `Prompt` (`prompts.py`) knows its media parts and its message text: only its media parts become placeholders,
+  and the special tokens its message text spells (`</s>`, `<|im_end|>`) are tokenized as text.
 - Prompt formats: upstream checkpoints use the upstream `Human:` / `AI:` template (`build_prompt`); a checkpoint
   whose `preprocessor_config.json` says `"prompt_format": "chat-template"` (e.g. `owl-small`) uses its language
   model's own chat template, with each image / video written as its tag inside the user's message, and no BOS of
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from openowl.constants import CLIP_MEAN, CLIP_STD, IMAGE_PLACEHOLDER_ID, IMAGE_TAG, VIDEO_PLACEHOLDER_ID, VIDEO_TAG
-from openowl.prompts import PROMPT_FORMATS, build_prompt, chat_template_prompt
+from openowl.prompts import IMAGE, PROMPT_FORMATS, TEXT, VIDEO, Prompt, build_prompt, chat_template_prompt
 
 _LLAMA_TOKENIZER_CLASSES = {"MplugOwlTokenizer", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaSentencePieceTokenizer"}
 _TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
@@ -183,18 +186,81 @@ class OwlProcessor:
 
     # --- text ------------------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str, add_bos: bool | None = None) -> list[int]:
+    def tokenize_prompt(self, prompt: str | Prompt, add_bos: bool | None = None) -> list[int]:
         """BOS (by default when `adds_bos`) + chunk-wise token ids, each tag expanded to `num_visual_tokens`
-        placeholder ids."""
+        placeholder ids.
+
+        A `Prompt` is cut at its media pieces only, and within a chunk the special tokens that its message text
+        spells are tokenized as text, on their own; the rest of the chunk is tokenized as one string (so a prompt
+        whose text spells none gets exactly the ids of its plain string)."""
         ids = [self.tokenizer.bos_token_id] if (self.adds_bos if add_bos is None else add_bos) else []
-        for chunk in _TAG_SPLIT.split(prompt):
+        chunks = _media_chunks(prompt) if isinstance(prompt, Prompt) else _TAG_SPLIT.split(prompt)
+        for chunk in chunks:
             if chunk == IMAGE_TAG:
                 ids += [IMAGE_PLACEHOLDER_ID] * self.num_visual_tokens
             elif chunk == VIDEO_TAG:
                 ids += [VIDEO_PLACEHOLDER_ID] * self.num_visual_tokens
+            elif isinstance(chunk, list):
+                ids += self._tokenize_pieces(chunk)
             elif chunk:
                 ids += self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
         return ids
+
+    def _tokenize_pieces(self, pieces: list[tuple[str, str]]) -> list[int]:
+        """The ids of a chunk of template and message text (no media): as one string, except that the special
+        tokens spelled in message text are cut out and tokenized as text (the text after a cut is tokenized as
+        the continuation it is: without SentencePiece's leading "▁")."""
+        ids, run, cut = [], "", False
+        for kind, text in pieces:
+            if kind != TEXT:
+                run += text
+                continue
+            for n, part in enumerate(self._special_tokens.split(text)):
+                if n % 2 == 0:
+                    run += part
+                elif part:
+                    ids += self._encode(run, continued=cut) + self._encode(part, continued=True, as_text=True)
+                    run, cut = "", True
+        return ids + self._encode(run, continued=cut)
+
+    @cached_property
+    def _special_tokens(self) -> re.Pattern:
+        """Matches the tokenizer's special tokens and its other added tokens (bar whitespace ones), longest first;
+        `split` keeps each match."""
+        added = {
+            t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special or not t.content.isspace()
+        }
+        added |= set(self.tokenizer.all_special_tokens)
+        pattern = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True) if t)
+        return re.compile(f"({pattern})" if pattern else "(?!)")
+
+    def _encode(self, text: str, continued: bool = False, as_text: bool = False) -> list[int]:
+        """`text`'s ids (none of the tokenizer's added tokens matched in it when `as_text`). A `continued` text is
+        tokenized after a newline that is then dropped, so that SentencePiece adds no "▁" of its own (as
+        transformers' `sanitize_control_tokens` does)."""
+        if not text:
+            return []
+        if not continued:
+            return (
+                self._encode_as_text(text) if as_text else self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            )
+        newline, ids = self._encode("\n", as_text=as_text), self._encode("\n" + text, as_text=as_text)
+        return ids[len(newline) :] if ids[: len(newline)] == newline else self._encode(text, as_text=as_text)
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a Python tokenizer: `split_special_tokens` skips its added tokens
+            return self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(text, split_special_tokens=True))
+        # a `tokenizers` pipeline run without its added tokens (its `encode_special_tokens` flag is shared state)
+        text = backend.normalizer.normalize_str(text) if backend.normalizer else text
+        splits = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+        return [token.id for split in splits for token in backend.model.tokenize(split)]
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can cover (the longest entry of the vocabulary): a text of `n` characters
+        has at least `n / max_token_chars` tokens, which bounds a prompt's length before it is tokenized."""
+        return max(len(token) for token in self.tokenizer.get_vocab())
 
     def __call__(
         self,
@@ -249,14 +315,14 @@ class OwlProcessor:
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, system: str | None = None
-    ) -> str:
+    ) -> Prompt:
         """The prompt text of a conversation, in the checkpoint's prompt format: the upstream `Human:` / `AI:`
         template (see `build_prompt`) or the language model's chat template (see `chat_template_prompt`)."""
         if self.prompt_format == "chat-template":
             return chat_template_prompt(self.tokenizer, messages, add_generation_prompt, system)
         return build_prompt(messages, add_generation_prompt=add_generation_prompt, system=system)
 
-    def turn_prompt(self, history: Sequence[dict[str, Any]], message: dict[str, Any]) -> str:
+    def turn_prompt(self, history: Sequence[dict[str, Any]], message: dict[str, Any]) -> Prompt:
         """The text that continues a conversation whose ids end with EOS after the last answer: the user's new
         `message` and the generation prompt. Without an answer in `history`, the whole prompt (system included).
         """
@@ -271,25 +337,51 @@ class OwlProcessor:
         cut = before.rfind(eos) + len(eos)
         if eos not in before or not after.startswith(before[:cut]):
             raise ValueError("the chat template does not end answers with the EOS token; can't continue the chat")
-        return after[cut:]
+        return after.after(cut)
 
 
-def check_media_count(texts: Sequence[str], num_images: int, num_videos: int) -> None:
-    """Raises ValueError unless the prompts hold as many `<image>` / `<|video|>` tags as media are given."""
-    problem = media_count_mismatch(texts, num_images, num_videos)
+def check_media_count(texts: Sequence[str | Prompt], num_images: int, num_videos: int) -> None:
+    """Raises ValueError unless the prompts hold as many images and videos as are given: a `Prompt`'s image and
+    video parts, a plain string's `<image>` / `<|video|>` tags."""
+    counts = [
+        (_media_count(texts, IMAGE_TAG), num_images, "image"),
+        (_media_count(texts, VIDEO_TAG), num_videos, "video"),
+    ]
+    problem = _count_problem(counts)
     if problem:
         raise ValueError(f"the prompts contain {problem} were given")
 
 
 def media_count_mismatch(texts: Sequence[str], num_images: int, num_videos: int | None = None) -> str | None:
     """None when the texts hold as many `<image>` tags as `num_images` (and `<|video|>` tags as `num_videos`,
-    unless None: not checked), else what differs, e.g. "2 <image> tag(s) but 1 image(s)". Inference raises it
-    (`check_media_count`); training skips the sample with it."""
-    for tag, given, kind in ((IMAGE_TAG, num_images, "image"), (VIDEO_TAG, num_videos, "video")):
-        tags = sum(t.count(tag) for t in texts)
+    unless None: not checked), else what differs, e.g. "2 <image> tag(s) but 1 image(s)". Training skips the
+    sample with it (its texts' tags, wherever they are, are what it tokenizes as images)."""
+    return _count_problem([(sum(t.count(IMAGE_TAG) for t in texts), num_images, "image"),
+                           (sum(t.count(VIDEO_TAG) for t in texts), num_videos, "video")])  # fmt: skip
+
+
+def _media_count(texts: Sequence[str | Prompt], tag: str) -> int:
+    kind = IMAGE if tag == IMAGE_TAG else VIDEO
+    return sum(t.count_media(kind) if isinstance(t, Prompt) else t.count(tag) for t in texts)
+
+
+def _count_problem(counts: list[tuple[int, int | None, str]]) -> str | None:
+    for tags, given, kind in counts:
         if given is not None and tags != given:
+            tag = IMAGE_TAG if kind == "image" else VIDEO_TAG
             return f"{tags} {tag} tag(s) but {given} {kind}(s)"
     return None
+
+
+def _media_chunks(prompt: Prompt) -> list[list[tuple[str, str]] | str]:
+    """A prompt's pieces cut at its media: lists of text pieces, and each image or video piece as its tag."""
+    chunks: list = [[]]
+    for kind, text in prompt.pieces:
+        if kind in (IMAGE, VIDEO):
+            chunks += [text, []]
+        else:
+            chunks[-1].append((kind, text))
+    return [c for c in chunks if c]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -7,12 +7,18 @@ caller builds its user turns with `user_message`; inference renders them with `b
 upstream's conversation text back into messages once (`parse_prompt`) and renders them through the same two
 templates, cut into the pieces it tokenizes with the answers marked (`render_conversation`, used by
 `train/data.py`).
+
+The two renderers return a `Prompt`: the prompt text (a `str`, unchanged) that also remembers where each of its
+pieces came from — the template's own text, which may hold special tokens; message text, which the processor
+tokenizes as text only (a `<|im_end|>` or `</s>` typed by a user stays characters); image and video parts, which
+alone become visual tokens (a literal `<image>` in message text is text).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -32,6 +38,38 @@ _TURN = re.compile(f"\n({re.escape(HUMAN_PREFIX)}|{re.escape(AI_PREFIX)})")  # w
 _UPSTREAM_PIECES = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(AI_PREFIX)}|{re.escape(_HUMAN_LINE)})")
 _IMAGE_PIECES = re.compile(f"({re.escape(IMAGE_TAG)})")
 _TAG_PARTS = {IMAGE_TAG: "image", VIDEO_TAG: "video"}
+TEMPLATE, TEXT, IMAGE, VIDEO = "template", "text", "image", "video"  # the kinds of a prompt's pieces
+
+
+class Prompt(str):
+    """A rendered prompt: its text, and `pieces`, `(kind, text)` pairs whose texts join into it. A kind is
+    `TEMPLATE` (the template's own text: its special tokens are special tokens), `TEXT` (message text: only ever
+    text tokens), `IMAGE` or `VIDEO` (the part's tag: where its visual tokens go). String operations give plain
+    `str`s, whose tags mean media again (`OwlProcessor.tokenize_prompt`)."""
+
+    pieces: tuple[tuple[str, str], ...]
+
+    def __new__(cls, pieces: Iterable[tuple[str, str]]) -> Prompt:
+        pieces = tuple((kind, text) for kind, text in pieces if text)
+        prompt = super().__new__(cls, "".join(text for _, text in pieces))
+        prompt.pieces = pieces
+        return prompt
+
+    def __reduce__(self):
+        return Prompt, (self.pieces,)
+
+    def count_media(self, kind: str) -> int:
+        """How many `IMAGE` (or `VIDEO`) pieces the prompt holds."""
+        return sum(k == kind for k, _ in self.pieces)
+
+    def after(self, start: int) -> Prompt:
+        """The prompt less its first `start` characters (as `prompt[start:]`, keeping the pieces' kinds)."""
+        out, at = [], 0
+        for kind, text in self.pieces:
+            if at + len(text) > start:
+                out.append((kind, text[max(0, start - at) :]))
+            at += len(text)
+        return Prompt(out)
 
 
 def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> dict[str, Any]:
@@ -51,7 +89,7 @@ def message_text(message: dict[str, Any]) -> str:
 
 def build_prompt(
     messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, system: str | None = None
-) -> str:
+) -> Prompt:
     """The upstream template: a system line, then one `Human: ` line per image, video or text, `AI: ` answers.
 
     Messages are as in this module's docstring. A system message replaces the default system line. With
@@ -63,13 +101,15 @@ def build_prompt(
         if role == "system":
             system = message_text(message)
         elif role == "user":
-            lines += [HUMAN_PREFIX + part_text(part) for part in parts]
+            lines += [[(TEMPLATE, HUMAN_PREFIX), _piece(part)] for part in parts]
         elif role == "assistant":
-            lines.append(AI_PREFIX + message_text(message))
+            lines.append([(TEMPLATE, AI_PREFIX), (TEXT, message_text(message))])
         else:
             raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
-    prompt = "\n".join([DEFAULT_SYSTEM if system is None else system, *lines])
-    return prompt + "\n" + AI_PREFIX if add_generation_prompt else prompt
+    pieces = [(TEMPLATE, DEFAULT_SYSTEM) if system is None else (TEXT, system)]
+    for line in lines:
+        pieces += [(TEMPLATE, "\n"), *line]
+    return Prompt(pieces + [(TEMPLATE, "\n" + AI_PREFIX)] if add_generation_prompt else pieces)
 
 
 def chat_template_prompt(
@@ -77,18 +117,41 @@ def chat_template_prompt(
     messages: Sequence[dict[str, Any]],
     add_generation_prompt: bool = True,
     system: str | None = None,
-) -> str:
+) -> Prompt:
     """A conversation through the tokenizer's own chat template. A user message's images and videos become their
     tags, each on its own line before the message's text (as LLaVA writes them); `system` adds a system message
     (without one, the template's default applies).
+
+    The template renders each part as a unique marker, so that the text between markers is the template's own;
+    the markers are then replaced by the parts.
+
+    Raises:
+        ValueError: an unknown role or part type, or a template that changes the text of a message (it can't be
+            told from the template's own text then).
     """
-    converted = [] if system is None else [{"role": "system", "content": system}]
+    marker = f"\x00part-{uuid.uuid4().hex}-"
+    found = re.compile(f"{re.escape(marker)}(\\d+)\x00")
+    converted = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
     for message in messages:
-        role, parts = message.get("role"), _parts(message.get("content", ""))
-        if role not in ROLES:
-            raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
-        converted.append({"role": role, "content": "\n".join(part_text(part) for part in parts)})
-    return tokenizer.apply_chat_template(converted, tokenize=False, add_generation_prompt=add_generation_prompt)
+        if message.get("role") not in ROLES:
+            raise ValueError(f"unknown message role {message.get('role')!r} (expected system, user or assistant)")
+        converted.append({"role": message["role"], "content": _parts(message.get("content", ""))})
+    parts = [_piece(part) for message in converted for part in message["content"]]
+    marked, plain, n = [], [], 0
+    for message in converted:
+        count = len(message["content"])
+        marked.append({"role": message["role"], "content": "\n".join(f"{marker}{n + i}\x00" for i in range(count))})
+        plain.append({"role": message["role"], "content": "\n".join(text for _, text in parts[n : n + count])})
+        n += count
+    rendered = found.split(
+        tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    )
+    pieces = [(TEMPLATE, t) if i % 2 == 0 else parts[int(t)] for i, t in enumerate(rendered)]
+    prompt = Prompt(pieces)
+    expected = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if prompt != expected:
+        raise ValueError("the chat template changes the text of messages, so it can't be told from the template's")
+    return prompt
 
 
 def part_text(part: dict[str, Any]) -> str:
@@ -101,6 +164,12 @@ def part_text(part: dict[str, Any]) -> str:
     if kind not in ("image", "video", "text"):
         raise ValueError(f"unknown content part type {kind!r} (expected image, video or text)")
     return {"image": IMAGE_TAG, "video": VIDEO_TAG}.get(kind) or part["text"]
+
+
+def _piece(part: dict[str, Any]) -> tuple[str, str]:
+    """A content part as a prompt piece: `(IMAGE | VIDEO, its tag)` or `(TEXT, its text)`."""
+    text = part_text(part)
+    return (part["type"] if part["type"] in (IMAGE, VIDEO) else TEXT), text
 
 
 def _parts(content: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -303,6 +303,36 @@ def test_hub_id_offline_raises_clear_oserror(offline_hub):
     assert "HF_HUB_OFFLINE" in message and "local folder" in message
 
 
+def test_hub_id_without_a_network_answers_in_seconds(tmp_path, monkeypatch, capsys):
+    """No HF_HUB_OFFLINE, but no network either (name lookups fail, as on an unplugged machine): one clear line at
+    once, not the hub client's half minute of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    lookups = []
+
+    def no_dns(*args, **kwargs):
+        lookups.append(args[0])
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    start = time.monotonic()
+    with pytest.raises(OSError) as info:
+        load("nobody-here/mplug-owl-missing")
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "'nobody-here/mplug-owl-missing'" in message and "can't be reached" in message and "\n" not in message
+    assert "Retrying" not in capsys.readouterr().err
+    assert len(lookups) <= 1
+
+
 def test_hub_id_loads_from_the_cache_offline(offline_hub, reference):
     repo = offline_hub / "models--someone--owl-cached"
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -577,11 +577,12 @@ def test_chat_session_history_layout(engine):
     _assert_cache_matches_fresh_prefill(session)
 
 
-def test_chat_session_refuses_tags_in_text(engine):
+def test_chat_session_takes_tags_in_text_as_text(engine):
+    """A tag typed in the text is characters, not an image (issue 22): only attached images are images."""
     session = ChatSession(engine, params=SamplingParams(max_new_tokens=3))
-    with pytest.raises(ValueError, match="<image>"):
-        _say(session, "What is <image> here?")
-    assert session.messages == [] and session.ids == []
+    _say(session, "What is <image> here?")
+    assert -1 not in session.last_prompt_ids and "<image>" in engine.processor.decode(session.last_prompt_ids)
+    assert session.messages[0]["content"][-1]["text"] == "What is <image> here?"
 
 
 def test_chat_session_bad_image_leaves_history_untouched(engine, tmp_path):

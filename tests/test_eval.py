@@ -554,3 +554,86 @@ def test_hub_task_from_a_local_copy(tmp_path):
     assert saved["n"] == 4 and set(saved["breakdown"]) == {"popular", "random"}
     assert saved["baseline"]["scores"]["accuracy"] == 0.5
     assert set(saved["scores"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+
+
+# --- answer caches keyed on what changes an answer, inputs checked first, reference protocols (issue 22) ---------
+
+
+def test_eval_cache_refuses_other_model_settings_without_loading(tmp_path, monkeypatch, capsys):
+    args = ["eval", "easy-vqa", *MODEL, "--limit", "3", "--max-new-tokens", "2", "--output", str(tmp_path)]
+    assert main(args) == 0
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["model_folder"] == str(CHECKPOINT.resolve()) and settings["dtype"] == "float32"
+    assert settings["quantize"] is None and settings["compile"] is False and settings["device"] == "cpu"
+    capsys.readouterr()
+    monkeypatch.setattr("openowl.cli._engine", lambda args: pytest.fail("the model must not load"))
+    for flags, changed in ((["--quantize", "int4"], "quantize"), (["--dtype", "bfloat16"], "dtype"),
+                           (["--compile"], "compile")):  # fmt: skip
+        assert main([*args, *flags]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and changed in err and "accuracy" not in err
+    copy = tmp_path.parent / f"{tmp_path.name}-model"
+    shutil.copytree(CHECKPOINT, copy)
+    assert main([*args[:2], "--model", str(copy), *args[4:]]) == 2  # another folder: another model
+    assert "model_folder" in capsys.readouterr().err
+    assert main([*args[:4], "--limit", "2", *args[6:]]) == 0  # fewer questions: the same answers, reused
+
+
+def test_eval_cache_refuses_another_file_of_the_same_name(engine, tmp_path, monkeypatch, capsys):
+    first, second = tmp_path / "a" / "bench.jsonl", tmp_path / "b" / "bench.jsonl"
+    for path, answer in ((first, "yes"), (second, "no")):
+        path.parent.mkdir()
+        path.write_text(json.dumps({"id": "1", "question": f"Is it {answer}?", "answer": answer}) + "\n")
+    out = ["--output", str(tmp_path / "out"), "--max-new-tokens", "2"]
+    assert main(["eval", str(first), *MODEL, *out]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("openowl.cli._engine", lambda args: pytest.fail("the model must not load"))
+    assert main(["eval", str(second), *MODEL, *out]) == 2
+    assert "other settings (data" in capsys.readouterr().err
+
+
+def test_eval_checks_ids_and_media_before_the_model_loads(tmp_path):
+    task = tasks.get_task("easy-vqa")
+    items = task.load(None)[:3]
+    never = lambda: pytest.fail("the model must not load")  # noqa: E731
+    with pytest.raises(ValueError, match="'0' occurs twice"):
+        runner.evaluate(never, task, [*items, items[0]], tmp_path / "dup", PARAMS, show_progress=False)
+    gone = Item("late", "What?", images=[tmp_path / "gone.png"], answers=["yes"])
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        runner.evaluate(never, task, [*items, gone], tmp_path / "gone", PARAMS, show_progress=False)
+    with pytest.raises(ValueError, match="no questions"):
+        runner.evaluate(never, task, [], tmp_path / "empty", PARAMS, show_progress=False)
+    with pytest.raises(ValueError, match="batch size"):
+        runner.evaluate(never, task, items, tmp_path / "b0", PARAMS, batch_size=0, show_progress=False)
+
+
+def test_answers_carry_the_question_id_question_and_reference(tmp_path):
+    assert main(["eval", "easy-vqa", *MODEL, "--limit", "2", "--max-new-tokens", "2", "--output", str(tmp_path)]) == 0
+    _, items = _easy(2)
+    for record, item in zip(_read(tmp_path / "answers.jsonl"), items, strict=True):
+        assert record["question_id"] == item.id and record["question"] == item.question
+        assert record["reference"] == item.answers[0]
+
+
+def test_pope_follows_its_reference_protocol():
+    parse = metrics.parse_pope
+    assert [parse(t) for t in ["There is no dog.", "No", "Yes.", "yes, there is", "It is not there.", "I see a cat"]] \
+        == ["no", "no", "yes", "yes", "no", "yes"]  # fmt: skip
+    assert metrics.parse_yes_no("There is no dog.") is None  # MME's rule, kept for MME
+    pope = tasks.TASKS["pope"]
+    assert pope.metric == "pope"
+    item = Item("0", "Is there a dog in the image?", answers=["no"], meta={"category": "random"})
+    units = runner.make_units(pope, [item])
+    assert units[0].text == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    scored = results.score(pope, units, {"0": {"answer": "There is no dog."}})
+    assert scored["scores"]["accuracy"] == 1.0
+    assert runner.make_units(tasks.TASKS["mme"], [item])[0].text == item.question  # MME's question says it all
+
+
+def test_circular_evaluation_only_where_the_benchmark_uses_it():
+    item = Item("q", "Which?", options=["a", "b", "c", "d"], answer_index=1)
+    assert len(runner.make_units(tasks.TASKS["mmbench"], [item])) == 4
+    for name in ("seed-bench", "egoschema"):
+        units = runner.make_units(tasks.TASKS[name], [item])
+        assert [u.id for u in units] == ["q"] and units[0].text.endswith(runner.CHOICE_INSTRUCTION)
+    assert len(runner.make_units(tasks.TASKS["seed-bench"], [item], circular=True)) == 4  # --circular

@@ -337,30 +337,64 @@ def test_missing_and_corrupt_images_skipped_and_reported(tmp_path, manifest, pro
     assert len(dataset) == 3 and [dataset[i]["id"] for i in range(3)] == ["img", "txt", "two"]
 
 
-def test_truncated_jpeg_caught_by_decode_check_else_raises_naming_the_sample(tmp_path, manifest, processor):
+def test_truncated_jpeg_caught_by_decode_check_else_skipped_at_load_naming_the_sample(
+    tmp_path, manifest, processor, model, caplog
+):
+    """A truncated JPEG passes "verify"; when it fails to load at batch time the sample is skipped (no supervised
+    token, black pixels in its image's place), counted and named, and nothing raises, in every epoch."""
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(IMAGE0.read_bytes()[:5000])  # a valid header: verify() accepts it
     samples = [Sample("cut-file", parse_prompt(_train_case(manifest, "train_image")["text"]), [truncated])]
+    samples += _samples(manifest)[1:2]
     decoded = TrainDataset(samples, processor, 400, check_images="decode")
-    assert len(decoded) == 0 and decoded.skipped[0][0] == "cut-file" and "truncated" in decoded.skipped[0][1]
+    assert len(decoded) == 1 and decoded.skipped[0][0] == "cut-file" and "truncated" in decoded.skipped[0][1]
     verified = TrainDataset(samples, processor, 400)
-    assert len(verified) == 1
-    with pytest.raises(RuntimeError, match="sample 'cut-file'.*truncated"):
-        verified[0]
+    assert len(verified) == 2
+    with caplog.at_level(logging.WARNING, logger="openowl.train.data"):
+        item = verified[0]
+    assert "'cut-file'" in caplog.text and "truncated" in caplog.text
+    assert (item["labels"] == IGNORE_INDEX).all() and item["pixel_values"].abs().sum() == 0
+    assert item["pixel_values"].shape == (1, 3, processor.image_size, processor.image_size)
+    verified.set_epoch(1)
+    batch = collate([verified[0], verified[1]], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.isfinite(model(**model_inputs(batch)).loss)  # only the text sample's tokens count
+    assert [sample_id for sample_id, _ in verified.skipped] == ["cut-file"]  # once, however often it is met
+    assert "skipped 1 of 2 samples" in verified.report() and "cut-file" in verified.report()
+    summary = verified.summary()
+    assert summary["failed_to_load"] == ["cut-file"] and summary["skipped"] == 1 and summary["samples"] == 2
     with pytest.raises(ValueError, match="check_images"):
         TrainDataset(samples, processor, 400, check_images="yes")
 
 
-def test_image_dropped_by_truncation_drops_its_pixels(processor, model):
-    text = _convo("Human: Hi", "AI: Hello there.", "Human: <image>", "Human: What is it?", "AI: An owl.")
-    dataset = TrainDataset([Sample("cut", parse_prompt(text), [IMAGE0])], processor, max_length=60)
-    item = dataset[0]
-    assert len(item["input_ids"]) == 61 and (item["input_ids"] >= 0).all()
-    assert item["pixel_values"].shape[0] == 0
-    batch = collate([item], processor.tokenizer.pad_token_id)
-    assert batch["pixel_values"] is None and batch["num_images"] == [0]
-    with torch.no_grad():
-        assert torch.isfinite(model(**model_inputs(batch)).loss)
+def test_a_sample_whose_image_block_truncation_drops_is_skipped_and_counted(processor, caplog):
+    """Truncation dropped the image block: the sample would train as text-only on an answer about the image."""
+    greeting = "AI: Hello there, what would you like to know about your pictures today?"
+    text = _convo("Human: Hi", greeting, "Human: <image>", "Human: What is it?", "AI: An owl.")
+    kept = _convo("Human: <image>", "Human: What is it?", "AI: An owl.")
+    samples = [Sample("cut", parse_prompt(text), [IMAGE0]), Sample("whole", parse_prompt(kept), [IMAGE0])]
+    with caplog.at_level(logging.WARNING, logger="openowl.train.data"):
+        dataset = TrainDataset(samples, processor, max_length=125)
+    assert dataset.ids == ["whole"]
+    assert dataset.skipped == [("cut", "truncation to max_length=125 dropped 1 of its 1 image(s)")]
+    assert "skipped 1 of 2 samples" in dataset.report() and "dropped 1 of its 1 image(s)" in dataset.report()
+    assert "image block truncation to max_length=125 dropped: 'cut'" in caplog.text
+
+
+def test_answers_cut_short_by_truncation_are_counted(processor, caplog):
+    """An answer partly kept loses its EOS: the sample still trains, and the count is in the warning and report."""
+    long_answer = "It is a brown owl sitting on a branch in the forest at night. " * 4
+    samples = [Sample("long", parse_prompt(_convo("Human: What is it?", f"AI: {long_answer}")), []),
+               Sample("short", parse_prompt(_convo("Human: What is it?", "AI: An owl.")), [])]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="openowl.train.data"):
+        dataset = TrainDataset(samples, processor, max_length=60)
+    assert dataset.ids == ["long", "short"] and dataset.answers_cut == 1
+    eos = processor.tokenizer.eos_token_id
+    long_item, short_item = dataset[0], dataset[1]
+    assert long_item["labels"][-1] != eos and short_item["labels"][-1] == eos
+    assert "1 answer(s) cut short by truncation (EOS lost)" in dataset.report()
+    assert "kept 1 of 2 samples with an answer that truncation to max_length=60 cut short" in caplog.text
+    assert dataset.summary()["answers_cut"] == 1
 
 
 # --- the sampler ---------------------------------------------------------------------------------

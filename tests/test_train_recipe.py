@@ -345,3 +345,195 @@ def test_fsdp2_checkpoints_hold_whole_weights_and_resume_exactly(tmp_path):
     for key, value in uninterrupted.items():
         assert torch.equal(resumed[key], value), key
     assert any(not torch.equal(uninterrupted[k], saved[k]) for k in saved)  # the last two steps did train
+
+
+# --- issue 22: config values, resume, data problems, accumulation, exports, launch configs ----------------------
+
+
+def test_config_values_are_checked_before_anything_loads(tmp_path):
+    """Each bad value is refused by `load_config` (before a model loads), naming the key, the value and the type."""
+    bad = {"train.micro_batch_size=four": "train.micro_batch_size: expected an integer, got 'four'",
+           "train.bf16=maybe": "train.bf16: expected true or false, got 'maybe'",
+           "train.epochs=1.5": "train.epochs: expected an integer, got 1.5",
+           "train.grad_accum=0": "train.grad_accum: expected an integer of at least 1, got 0",
+           "optim.lr=fast": "optim.lr: expected a number, got 'fast'", "optim.betas=[0.9]": "optim.betas",
+           "lora.targets=[1, 2]": "lora.targets\\[0\\]: expected a string, got 1", "policy=stage3": "policy: 'stage3'",
+           "data.image_check=full": "data.image_check: 'full' is not one of verify, decode, none",
+           "model.dtype=int8": "model.dtype: 'int8'",
+           "data.max_length=null": "data.max_length: expected an integer"}  # fmt: skip
+    for override, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            load_config(None, [override])
+    cfg = load_config(None, ["lora.targets=q_proj", "optim.lr=3e-5", "train.max_steps=null", "data.image_check=none"])
+    assert cfg.lora.targets == ("q_proj",)  # one target, not its letters
+    assert cfg.optim.lr == 3e-5 and cfg.train.max_steps is None and cfg.data.image_check == "none"
+
+
+def test_resume_takes_a_following_override_as_an_override(tmp_path):
+    from openowl.cli import build_parser
+    from openowl.train.config import split_resume
+
+    args = build_parser().parse_args(["train", "--config", "c.yaml", "--resume", "train.epochs=2", "train.seed=1"])
+    assert split_resume(args.resume, args.overrides) == ("", ["train.epochs=2", "train.seed=1"])
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "train.seed=1"])
+    assert split_resume(args.resume, args.overrides) == (str(tmp_path), ["train.seed=1"])
+    args = build_parser().parse_args(["train", "train.seed=1", "--resume"])
+    assert split_resume(args.resume, args.overrides) == ("", ["train.seed=1"])
+
+
+def test_resume_refuses_other_settings_and_continues_once_logged(tmp_path, capsys, monkeypatch):
+    """A checkpoint records the settings it means something under: a resume under others is refused, naming each
+    key, before the model loads. A resume under the same ones says so, and re-trained steps are logged once."""
+    args = _config(tmp_path, **{"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 3})
+    whole = TrainRecipe(load_config(None, args))
+    whole.setup()
+    whole.train()
+    out = Path(whole.cfg.train.output_dir)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    state = json.loads((out / "step-000002" / "state.json").read_text())
+    assert state["settings"]["train.micro_batch_size"] == 2 and state["settings"]["processes"] == 1
+
+    other = {"train.micro_batch_size": 1, "train.epochs": 2, "optim.schedule": "linear", "train.seed": 4}
+    refused = TrainRecipe(load_config(None, _config(tmp_path, **{**other, "train.max_steps": 4})))
+    monkeypatch.setattr(TrainRecipe, "_load_model", lambda self: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="settings differ") as err:
+        refused.setup(resume=out / "step-000002")
+    for key in other:
+        assert f"{key}: checkpoint" in str(err.value)
+    monkeypatch.undo()
+
+    capsys.readouterr()
+    resumed = TrainRecipe(load_config(None, args))
+    resumed.setup(resume=out / "step-000002")
+    said = capsys.readouterr().err
+    assert f"resuming from {out / 'step-000002'} at step 2 of 4" in said
+    resumed.train()
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]  # steps 3 and 4 once, not twice
+    assert [r["loss"] for r in again] == [r["loss"] for r in logged]  # and trained again exactly
+    tensorboard = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in tensorboard.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_an_image_that_fails_to_load_is_skipped_not_fatal(tmp_path):
+    """A truncated JPEG passes the default check ("verify"); the run still ends, with a checkpoint, and names the
+    sample in its final metrics. With `data.image_check=decode` it is skipped before training."""
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((IMAGES / "image0.jpg").read_bytes()[:5000])
+    (tmp_path / "data").mkdir()
+    data = _write_data(tmp_path / "data")
+    system = "The following is a conversation between a curious human and AI assistant."
+    bad = {"id": "cut-jpeg", "text": f"{system}\nHuman: <image>\nAI: A photo.", "image": [str(truncated)]}
+    data.write_text(json.dumps(bad) + "\n" + data.read_text())
+    for check in ("verify", "decode"):
+        out = tmp_path / f"run-{check}"
+        args = _config(tmp_path, **{"data.train": str(data), "train.max_steps": 8, "train.grad_accum": 1,
+                                    "data.image_check": check, "train.output_dir": str(out)})  # fmt: skip
+        recipe = TrainRecipe(load_config(None, args))
+        recipe.setup()
+        metrics = recipe.train()
+        assert checkpoints(out) and metrics["step"] == 8
+        assert metrics["data"]["skipped_ids"] == ["cut-jpeg"] and metrics["data"]["samples"] == 17
+        assert metrics["data"]["failed_to_load"] == (["cut-jpeg"] if check == "verify" else [])
+        assert "cut-jpeg" in recipe.dataset.report()
+
+
+def test_accumulation_splits_of_one_global_batch_take_the_same_steps(tmp_path):
+    """Micro-batch 2 × accumulation 2 and micro-batch 4 × accumulation 1: the sampler groups samples per optimizer
+    step, so both see the same global batches and take the same steps (full-LLM training: no dropout)."""
+    runs = {}
+    for micro, accum in ((2, 2), (4, 1)):
+        (tmp_path / str(micro)).mkdir()
+        settings = {"policy": "full-llm", "train.max_steps": 3, "optim.warmup_steps": 0,
+                    "train.micro_batch_size": micro, "train.grad_accum": accum}  # fmt: skip
+        args = _config(tmp_path / str(micro), **settings)
+        recipe = TrainRecipe(load_config(None, args))
+        recipe.setup()
+        recipe.train()
+        runs[micro] = (
+            _losses(Path(recipe.cfg.train.output_dir)),
+            {k: v.detach().clone() for k, v in recipe.trainable.items()},
+        )
+    torch.testing.assert_close(torch.tensor(runs[2][0]), torch.tensor(runs[4][0]), rtol=1e-5, atol=1e-6)
+    for key, value in runs[4][1].items():
+        torch.testing.assert_close(runs[2][1][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_the_loss_plot_has_axes_labels_and_ticks(tmp_path):
+    from PIL import Image
+
+    from openowl.train.plot import plot_losses
+
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 11)] + [{"step": 10, "dev_loss": 2.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert drawn["x_label"] == "optimizer step" and drawn["y_label"] == "loss" and drawn["title"]
+    assert drawn["x_ticks"][0] >= 1 and drawn["x_ticks"][-1] <= 10 and len(drawn["x_ticks"]) >= 3
+    assert all(2.0 <= y <= 2.9 for y in drawn["y_ticks"]) and len(drawn["y_ticks"]) >= 3
+    image = Image.open(tmp_path / "loss.png")
+    assert image.text == {"title": drawn["title"], "x_label": "optimizer step", "y_label": "loss"}
+    gray = image.convert("L")
+    below_axis = gray.crop((70, 400 - 50 + 2, 620, 400)).getextrema()  # tick labels and the x label
+    left_of_axis = gray.crop((0, 40, 70 - 2, 350)).getextrema()  # tick labels and the y label
+    assert below_axis[0] < 100 and left_of_axis[0] < 100  # dark text drawn there
+
+
+@pytest.mark.parametrize("policy", ["stage2", "stage2-abstractor"])
+def test_the_adapter_on_its_base_is_the_trained_model(tmp_path, policy):
+    """`final/adapter` names its base, and base + adapter gives the trained (merged) model's logits: for
+    stage2-abstractor the trained abstractor goes with the LoRA weights (base + LoRA alone was another model)."""
+    from openowl.train.export import FULL_WEIGHTS, load_adapter
+
+    recipe = TrainRecipe(load_config(None, _config(tmp_path, **{"policy": policy, "train.max_steps": 2})))
+    recipe.setup()
+    recipe.train()
+    folder = recipe.export(tmp_path / "final")
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(CHECKPOINT)
+    assert (folder / "adapter" / FULL_WEIGHTS).is_file() == (policy == "stage2-abstractor")
+    base = OwlForConditionalGeneration.from_pretrained(config["base_model_name_or_path"]).eval()
+    adapted = load_adapter(base, folder / "adapter").eval()
+    merged = OwlForConditionalGeneration.from_pretrained(folder).eval()
+    from openowl.train.data import collate
+
+    batch = collate([recipe.dataset[i] for i in range(4)], recipe.processor.tokenizer.pad_token_id)  # 3 with images
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "pixel_values": batch["pixel_values"]}  # fmt: skip
+    assert inputs["pixel_values"] is not None  # the abstractor takes part
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**inputs).logits, merged(**inputs).logits, rtol=0, atol=1e-4)
+
+
+def test_fsdp_asked_for_on_a_cpu_says_it_runs_ddp(monkeypatch, caplog):
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from openowl.train.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with caplog.at_level("WARNING", logger="openowl.train.distributed"):
+            distributed_type = make_accelerator(1).distributed_type
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    if torch.cuda.is_available():
+        pytest.skip("FSDP runs on a GPU")
+    assert distributed_type != DistributedType.FSDP
+    assert "FSDP was asked for, but accelerate runs FSDP only on GPUs: this run is plain DDP" in caplog.text
+
+
+def test_the_shipped_cpu_2proc_config_starts_two_processes(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/cpu_2proc.yaml` really runs 2 processes: each writes its
+    own RNG state, and the checkpoint records 2 processes (a global batch of 2 × the micro-batch)."""
+    args = _config(tmp_path, **{"train.max_steps": 2, "train.micro_batch_size": 1, "train.grad_accum": 1})
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "29541",
+                "-m", "openowl", "train", *args]  # fmt: skip
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(launcher, env=env, cwd=ROOT, check=True, timeout=600)
+    last = checkpoints(tmp_path / "run")[-1]
+    assert (last / "rng-0.json").is_file() and (last / "rng-1.json").is_file()
+    assert json.loads((last / "state.json").read_text())["settings"]["processes"] == 2
+    assert len(_losses(tmp_path / "run")) == 2

@@ -80,7 +80,7 @@ def pope_items(rows) -> list[Item]:
             question=r["question"],
             images=[_Cell(rows, i, "image")],
             answers=[r["answer"].lower()],
-            meta={"category": r["category"]},
+            meta={"category": r["category"], **({"question_id": r["question_id"]} if "question_id" in r else {})},
         )
         for i, r in enumerate(_metadata(rows, ["image"]))
     ]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-METRICS = ("exact", "vqa", "yes-no", "mme", "hallusion", "choice", "caption", "none")
+METRICS = ("exact", "vqa", "yes-no", "pope", "mme", "hallusion", "choice", "caption", "none")
 
 
 @dataclass
@@ -34,3 +34,5 @@ class Task:
     metric: str  # one of METRICS
     load: Callable[[str | None], list[Item]]  # data location (None: the default) -> items
     max_new_tokens: int = 10
+    prompt_suffix: str = ""  # appended to each question (the reference protocol's instruction), choice tasks aside
+    circular: bool = True  # multiple choice: the default of --circular (MMBench's CircularEval)

@@ -16,8 +16,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from openowl.constants import IMAGE_TAG
 from openowl.eval.likelihood import continuation_logprobs
 from openowl.infer.engine import Engine, Request
@@ -81,7 +79,7 @@ class OpenOwl(_Base):
         if engine is None:
             if pretrained is None:
                 raise ValueError("give pretrained=PATH_OR_ID in --model_args")
-            engine = load_engine(pretrained, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            engine = load_engine(pretrained, dtype, device or "auto")
         self.engine = engine
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.max_new_tokens = int(max_new_tokens)

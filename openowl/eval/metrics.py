@@ -1,8 +1,9 @@
 """Benchmark metrics as pure functions over answer strings: no model, no files.
 
 - Short answers: `normalize_answer` + `exact_match`; VQAv2 accuracy with the official answer normalization.
-- Yes / no: `parse_yes_no`, `binary_scores` (POPE: accuracy, precision, recall, F1, yes ratio), `mme_scores`
-  (acc + acc+ per subtask), `hallusion_scores` (all-question, question-pair and figure accuracy).
+- Yes / no: `parse_yes_no` (MME's rule), `parse_pope` (POPE's), `binary_scores` (POPE: accuracy, precision,
+  recall, F1, yes ratio), `mme_scores` (acc + acc+ per subtask), `hallusion_scores` (all-question, question-pair
+  and figure accuracy).
 - Multiple choice: `parse_choice` (the letter a generated answer names), `circular_options` (MMBench's
   CircularEval: every rotation of the options must be answered right).
 - Captions: `caption_scores` (BLEU-4 and CIDEr through pycocoevalcap's scorers, which need no Java).
@@ -107,6 +108,14 @@ def parse_yes_no(text: str) -> str | None:
         return {"y": "yes", "n": "no"}.get(answer)
     head = answer[:4]
     return "yes" if "yes" in head else "no" if "no" in head else None
+
+
+def parse_pope(text: str) -> str:
+    """POPE's own rule (the POPE authors' evaluate.py, as LLaVA's eval_pope runs it): keep the first sentence, drop
+    commas; "no" when a word of it is "no", "No" or "not", else "yes". "There is no dog." -> "no"."""
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
 
 
 def binary_scores(predictions: Sequence[str | None], truths: Sequence[str]) -> dict[str, float]:

@@ -81,8 +81,8 @@ def _vqa(items, units, predictions):
     return {"scores": {"accuracy": _mean(accuracy.values())}, "breakdown": _by_category(items, accuracy)}
 
 
-def _yes_no(items, units, predictions):
-    parsed = {it.id: metrics.parse_yes_no(predictions[it.id]) for it in items}
+def _yes_no(items, units, predictions, parse=metrics.parse_yes_no):
+    parsed = {it.id: parse(predictions[it.id]) for it in items}
     truth = {it.id: it.answers[0].strip().lower() for it in items}
     groups: dict[str, list[Item]] = defaultdict(list)
     for it in items:
@@ -103,6 +103,10 @@ def _yes_no(items, units, predictions):
             },
         },
     }
+
+
+def _pope(items, units, predictions):
+    return _yes_no(items, units, predictions, parse=metrics.parse_pope)
 
 
 def _mme(items, units, predictions):
@@ -169,6 +173,7 @@ _SCORERS = {
     "exact": _exact,
     "vqa": _vqa,
     "yes-no": _yes_no,
+    "pope": _pope,
     "mme": _mme,
     "hallusion": _hallusion,
     "choice": _choice,

@@ -1,9 +1,11 @@
 """Answer a task's items with the engine — batched, resumable — then score them and write the results.
 
 Output folder: `answers.jsonl` (one line per answer, appended and flushed batch by batch: a rerun skips the ids it
-holds), `settings.json` (what the answers depend on: a rerun with other settings is refused), `results.json` and
-`results.md`. The prompts are built by `processor.apply_chat_template`; the questions of one conversation are asked
-in order, each after the earlier questions and their answers.
+holds; each line carries the dataset's question id, the question as sent and the reference, for audits),
+`settings.json` (what the answers depend on: the model's identity, dtype, quantization, compile, the data's
+content, the prompt and the sampling; a rerun with other settings is refused, naming them: `infer.answering`),
+`results.json` and `results.md`. The prompts are built by `processor.apply_chat_template`; the questions of one
+conversation are asked in order, each after the earlier questions and their answers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from openowl.eval.likelihood import continuation_logprobs
 from openowl.eval.metrics import LETTERS, circular_options
 from openowl.eval.owleval import tally, write_owleval
 from openowl.eval.results import score, write_results
+from openowl.infer.answering import (
+    check_media_files,
+    check_settings,
+    check_unique_ids,
+    content_digest,
+    media_stamp,
+    sampling_settings,
+)
 from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
 from openowl.prompts import assistant_message, user_message
@@ -77,12 +87,14 @@ def choice_text(question: str, options: Sequence[str]) -> str:
     return "\n".join([question, *lines, CHOICE_INSTRUCTION])
 
 
-def make_units(task: Task, items: Sequence[Item], method: str = "generate", circular: bool = True) -> list[Unit]:
-    """The model calls a task needs: one per item, or, for multiple choice generated with `circular`, one per
-    rotation of the options (MMBench's CircularEval). `method="likelihood"` scores each option's text instead."""
+def make_units(task: Task, items: Sequence[Item], method: str = "generate", circular: bool | None = None) -> list[Unit]:
+    """The model calls a task needs: one per item (its question and the task's `prompt_suffix`), or, for multiple
+    choice generated with `circular` (default: the task's own protocol), one per rotation of the options (MMBench's
+    CircularEval). `method="likelihood"` scores each option's text instead."""
     check_items(task, items)
+    circular = task.circular if circular is None else circular
     if task.metric != "choice":
-        return [Unit(it.id, it, it.question) for it in items]
+        return [Unit(it.id, it, it.question + task.prompt_suffix) for it in items]
     units = []
     for it in items:
         if method == "likelihood":
@@ -99,7 +111,12 @@ HALLUSION_FIELDS = ("category", "subcategory", "set_id", "figure_id", "question_
 
 
 def check_items(task: Task, items: Sequence[Item]) -> None:
-    """Raises ValueError, naming the first item that lacks what the task's metric needs."""
+    """Raises ValueError, naming the first item that lacks what the task's metric needs or whose id is taken, and
+    FileNotFoundError for the first media file that is missing: all before the model loads."""
+    if not items:
+        raise ValueError(f"{task.name}: no questions to answer")
+    check_unique_ids((it.id for it in items), task.name)
+    check_media_files((f"{task.name}: item {it.id}", m) for it in items for m in _media_paths(it))
     for it in items:
         if task.metric == "choice" and (not it.options or it.answer_index is None):
             raise ValueError(f"item {it.id}: the choice metric needs options and the right one")
@@ -110,6 +127,32 @@ def check_items(task: Task, items: Sequence[Item]) -> None:
         missing = [k for k in HALLUSION_FIELDS if k not in it.meta] if task.metric == "hallusion" else []
         if missing:
             raise ValueError(f"item {it.id}: the hallusion metric needs the fields {', '.join(missing)}")
+
+
+def _media_paths(item: Item) -> list[Path]:
+    return [Path(m) for m in [*item.images, *item.videos] if isinstance(m, str | Path)]
+
+
+def item_digest(item: Item) -> str:
+    """An item's content: its id, question, references, options, conversation, fields, and each media file's size
+    and modification time (an image read from a dataset is covered by its row's fields). Each answer line keeps the
+    digest of its item, so that answers to other data (another file of the same name) are never reused, while
+    another `--limit` still reuses the answers it shares."""
+    fields = [item.id, item.question, item.answers, item.options, item.answer_index, item.conversation, item.meta]
+    return content_digest([*fields, [media_stamp(p) for p in _media_paths(item)]])
+
+
+def check_cached_data(units: Sequence[Unit], cache: AnswerCache, output: Path) -> None:
+    """Raises ValueError when a cached answer was made for an item whose content has changed since."""
+    digests: dict[int, str] = {}
+    for unit in units:
+        if unit.id in cache:
+            digest = digests.setdefault(id(unit.item), item_digest(unit.item))
+            if cache[unit.id].get("data") != digest:
+                raise ValueError(
+                    f"{output} holds answers made with other settings (data: item {unit.item.id} is not the "
+                    "question it answered): use another --output, or delete the folder to start again"
+                )
 
 
 def conversations(units: Sequence[Unit]) -> list[list[Unit]]:
@@ -159,6 +202,18 @@ def conversation_request(processor, turns: Sequence[Unit], cache: AnswerCache) -
 # --- answering -----------------------------------------------------------------------------------
 
 
+def _audit(unit: Unit) -> dict:
+    """What an answers.jsonl line carries besides the answer: the dataset's question id, the question as sent, and
+    the reference (the right option's letter in this unit's order, for multiple choice)."""
+    item = unit.item
+    reference = LETTERS[unit.answer_index] if unit.answer_index is not None else item.answers
+    if isinstance(reference, list) and len(reference) == 1:
+        reference = reference[0]
+    question_id = item.meta.get("question_id", item.meta.get("pair", item.id))  # MME's question_id is its "pair"
+    audit = {"id": unit.id, "question_id": question_id, "question": unit.text, "reference": reference}
+    return {**audit, "data": item_digest(item)}
+
+
 def answer_by_generation(
     engine: Engine, convs: list[list[Unit]], cache: AnswerCache, batch_size: int, params: SamplingParams, progress
 ) -> None:
@@ -177,7 +232,7 @@ def answer_by_generation(
             completions = engine.generate(requests, params)
             cache.add(
                 [
-                    {"id": turns[-1].id, "answer": c.text, "finish_reason": c.finish_reason}
+                    {**_audit(turns[-1]), "answer": c.text, "finish_reason": c.finish_reason}
                     for turns, c in zip(batch, completions, strict=True)
                 ]
             )
@@ -199,7 +254,7 @@ def answer_by_likelihood(engine: Engine, units: list[Unit], cache: AnswerCache, 
         for unit in batch:
             logprobs = [next(scores)[0] for _ in unit.options]
             best = max(range(len(logprobs)), key=logprobs.__getitem__)
-            records.append({"id": unit.id, "answer": LETTERS[best], "logprobs": logprobs})
+            records.append({**_audit(unit), "answer": LETTERS[best], "logprobs": logprobs})
         cache.add(records)
         progress(len(batch))
 
@@ -212,35 +267,41 @@ def evaluate(
     params: SamplingParams,
     batch_size: int = 8,
     method: str = "generate",
-    circular: bool = True,
+    circular: bool | None = None,
     model: str = "model",
     data: str | None = None,
     ratings: dict | None = None,
     show_progress: bool = True,
+    engine_settings: dict | None = None,
 ) -> dict:
     """Answer what answers.jsonl in `output` lacks, score every item, write results.json and results.md.
 
     Args:
         make_engine: called only when something is left to answer.
         method: "generate" (the answer is parsed from generated text) or "likelihood" (multiple choice only).
-        circular: rotate multiple-choice options (generate method).
+        circular: rotate multiple-choice options (generate method); None: the task's protocol (on for MMBench).
         data: where the task's data is (OwlEval: its folder, for the shipped answers of the report).
         ratings: OwlEval ratings saved from the report ({system: {question_id: grade}}), tallied in the results.
+        engine_settings: what the engine's answers depend on (`infer.prepare.engine_settings`: the model's folder
+            and files, dtype, device, quantization, compile); kept in settings.json with the rest. Default: those
+            of `load_engine(model)` with its defaults, when `model` names a checkpoint (else the name alone).
 
     Raises:
-        ValueError: settings that differ from those of the answers already in `output`.
+        ValueError: settings that differ from those of the answers already in `output`, a bad batch size, an
+            empty or inconsistent item list; FileNotFoundError: a missing media file. All before the model loads.
     """
     from tqdm import tqdm
 
-    if method not in ("generate", "likelihood"):
-        raise ValueError(f"method must be 'generate' or 'likelihood', not {method!r}")
-    if method == "likelihood" and task.metric != "choice":
-        raise ValueError(f"the likelihood method needs a multiple-choice task; {task.name} is {task.metric}")
+    _check_arguments(task, method, batch_size)
+    circular = task.circular if circular is None else circular
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     units = make_units(task, items, method, circular)
-    settings = _check_settings(output, task, method, circular, model, params)
+    if engine_settings is None:
+        engine_settings = default_engine_settings(model)
+    settings = answer_settings(task, method, circular, model, params, engine_settings)
+    settings = check_settings(output / "settings.json", settings, output / "answers.jsonl")
     cache = AnswerCache(output / "answers.jsonl")
+    check_cached_data(units, cache, output)
     left = sum(u.id not in cache for u in units)
     if left:
         engine = make_engine()
@@ -259,20 +320,34 @@ def evaluate(
     return results
 
 
-def _check_settings(output: Path, task: Task, method: str, circular: bool, model: str, params: SamplingParams):
-    settings = {"task": task.name, "metric": task.metric, "model": model, "sampling": vars(params).copy()}
-    settings["sampling"]["stop"] = list(params.stop)
+def _check_arguments(task: Task, method: str, batch_size: int) -> None:
+    if method not in ("generate", "likelihood"):
+        raise ValueError(f"method must be 'generate' or 'likelihood', not {method!r}")
+    if method == "likelihood" and task.metric != "choice":
+        raise ValueError(f"the likelihood method needs a multiple-choice task; {task.name} is {task.metric}")
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, not {batch_size}")
+
+
+def default_engine_settings(model: str) -> dict:
+    """`infer.prepare.engine_settings(model)` (the defaults of `load_engine`), or only the name when `model` is a
+    label that names no local checkpoint folder."""
+    from openowl.infer.prepare import engine_settings
+
+    if not Path(model).expanduser().is_dir():
+        return {"model": model}
+    return engine_settings(model)
+
+
+def answer_settings(
+    task: Task, method: str, circular: bool, model: str, params: SamplingParams, engine_settings: dict | None = None
+) -> dict:
+    """What every cached answer depends on besides its item (see `item_digest`): the engine's settings, the task
+    and its metric, the prompt (the task's suffix, the multiple-choice instruction), the sampling, and for multiple
+    choice the method and whether the options rotate."""
+    settings = {"task": task.name, "metric": task.metric, "model": model, **(engine_settings or {})}
+    settings.update(prompt={"suffix": task.prompt_suffix}, sampling=sampling_settings(params))
     if task.metric == "choice":
+        settings["prompt"]["choice_instruction"] = CHOICE_INSTRUCTION
         settings.update(method=method, circular=circular and method == "generate")
-    path = output / "settings.json"
-    if path.exists():
-        before = json.loads(path.read_text())
-        if before != settings:
-            changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
-            raise ValueError(
-                f"{output} holds answers made with other settings ({', '.join(changed)}): "
-                "use another --output, or delete the folder to start again"
-            )
-    else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
     return settings

@@ -9,6 +9,7 @@ EgoSchema. Any other benchmark runs from a jsonl file (`jsonl_task`; the format 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from openowl.data.easy_vqa import question_type
@@ -34,6 +35,8 @@ def load_easy_vqa(data: str | None = None) -> list[Item]:
     ]
 
 
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # lmms-eval's POPE post-prompt
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -54,8 +57,9 @@ TASKS: dict[str, Task] = {
         Task(
             "pope",
             "POPE (lmms-lab/POPE): object hallucination, yes/no",
-            "yes-no",
+            "pope",
             hub.LOADERS["pope"],
+            prompt_suffix=SHORT_ANSWER,
         ),
         Task(
             "mmbench",
@@ -68,6 +72,7 @@ TASKS: dict[str, Task] = {
             "SEED-Bench (lmms-lab/SEED-Bench): multiple choice, image and video",
             "choice",
             hub.LOADERS["seed-bench"],
+            circular=False,
         ),
         Task(
             "hallusionbench",
@@ -81,6 +86,7 @@ TASKS: dict[str, Task] = {
             "EgoSchema subset (lmms-lab/egoschema): 5-way video multiple choice",
             "choice",
             hub.LOADERS["egoschema"],
+            circular=False,
         ),
     ]
 }
@@ -96,7 +102,7 @@ def get_task(name: str, metric: str | None = None) -> Task:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if name in TASKS:
         task = TASKS[name]
-        return task if metric is None else Task(task.name, task.description, metric, task.load, task.max_new_tokens)
+        return task if metric is None else dataclasses.replace(task, metric=metric)
     if name.endswith(".jsonl"):
         items = load_jsonl(name)  # read now: errors show before the model loads
         chosen = metric or infer_metric(items)

@@ -20,13 +20,16 @@ from openowl.infer.generate import EAGER_STEP, DecodeStep, generate_tokens, stat
 from openowl.infer.sampling import SamplingParams
 from openowl.model.owl import OwlForConditionalGeneration
 from openowl.processing import ImageInput, OwlProcessor, check_media_count
+from openowl.prompts import Prompt
 
 
 @dataclass
 class Request:
-    """One prompt (already in the model's template, with `<image>` / `<|video|>` tags) and its media, in order."""
+    """One prompt in the model's template and its media, in order. The prompt is best a `Prompt` rendered from
+    messages (`processor.apply_chat_template`): its image and video parts are its media and its message text is
+    only ever text. In a plain string, each `<image>` / `<|video|>` tag is a medium and special tokens count."""
 
-    prompt: str
+    prompt: str | Prompt
     images: Sequence[ImageInput] = ()
     videos: Sequence[Sequence[ImageInput]] = ()
 

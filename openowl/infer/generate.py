@@ -1,4 +1,5 @@
-"""Token generation as small pure functions over a KV cache: `forward_step`, `prefill`, and `generate_tokens`.
+"""Token generation as small pure functions over a KV cache: `forward_step`, `prefill` (also in chunks), and
+`generate_tokens`.
 
 This layer knows nothing of text: ids and visual features in, one token per row per step out. Batches are
 left-padded; positions come from the attention mask, so a padded row computes what it would compute alone.
@@ -102,12 +103,34 @@ def prefill(
     With a non-empty cache (a reused prefix), `input_ids` are only the new tokens and the mask is extended over
     the cached positions, which are all real tokens.
     """
+    *_, done = prefill_chunks(model, input_ids, attention_mask, cache, image_features, video_features)
+    return done
+
+
+def prefill_chunks(
+    model: OwlForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Cache,
+    image_features: torch.Tensor | None = None,
+    video_features: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+    """`prefill`, `chunk` prompt positions per forward pass (None: all at once): yields None after each chunk but the
+    last, then `prefill`'s logits and mask. A caller can run other work on the model between two chunks."""
     embeds = model.embed_inputs(input_ids, image_features=image_features, video_features=video_features)
     attention_mask = attention_mask.to(embeds.device)
     past = cache.get_seq_length()
     if past:
         attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], past), attention_mask], dim=1)
-    return forward_step(model, embeds, attention_mask, cache), attention_mask
+    length = embeds.shape[1]
+    step = chunk or max(length, 1)
+    for start in range(0, max(length, 1), step):
+        end = min(start + step, length)  # positions come from the mask up to each chunk's end
+        logits = forward_step(model, embeds[:, start:end], attention_mask[:, : past + end], cache)
+        if end < length:
+            yield None
+    yield logits, attention_mask
 
 
 def decode_one_token(

@@ -11,6 +11,8 @@ changes its model; `load_engine` is the one place that goes from a model name to
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,17 +75,76 @@ def compiled_decode(model: OwlForConditionalGeneration) -> Callable:
     return decode
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto": CUDA when a GPU is present, else the CPU; any other name is checked before anything loads.
+
+    Raises:
+        ValueError: an unknown device name, or a CUDA device this machine doesn't have (one line, no traceback).
+    """
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {str(device)!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: only cuda:0 to cuda:{count - 1} are here")
+    return device
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    """ "auto": bfloat16 on a GPU, float32 on a CPU; otherwise the dtype named."""
+    if str(dtype) == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return as_dtype(dtype)
+
+
 def load_engine(
     model: str | Path,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "auto",
     quantize: str | None = None,
     compile: bool = False,
 ) -> Engine:
     """A ready engine for a checkpoint folder, built-in model or hub id: loaded, prepared, wrapped.
 
+    Args:
+        dtype: a dtype or its name; "auto" is bfloat16 on a GPU, float32 on a CPU.
+        device: a torch device or its name; "auto" is CUDA when present, else the CPU.
+
     Raises:
-        FileNotFoundError, OSError, CheckpointError, ValueError: from loading (see `openowl.loading`).
+        FileNotFoundError, OSError, CheckpointError, ValueError: from loading (see `openowl.loading`), or a device
+            this machine doesn't have.
     """
-    loaded, processor = loading.load_pretrained(model, dtype=as_dtype(dtype), device=device)
+    device = resolve_device(device)
+    loaded, processor = loading.load_pretrained(model, dtype=resolve_dtype(dtype, device), device=device)
     return Engine(loaded, processor, step=prepare_for_inference(loaded, quantize=quantize, compile=compile))
+
+
+def engine_settings(
+    model: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "auto",
+    quantize: str | None = None,
+    compile: bool = False,
+) -> dict:
+    """What the answers of `load_engine(...)` with these arguments depend on, without loading the model: the
+    resolved checkpoint folder and a digest of its files' names, sizes and modification times (weights, config,
+    tokenizer, chat template), the dtype and device as resolved, quantization and compile. Cached answers are kept
+    only while these are the same (`infer.answering.check_settings`)."""
+    device = resolve_device(device)
+    folder = loading.resolve_checkpoint(model)
+    stamps = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return {
+        "model": str(model),
+        "model_folder": str(folder.resolve()),
+        "model_files": hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16],
+        "dtype": str(resolve_dtype(dtype, device)).removeprefix("torch."),
+        "device": device.type,
+        "quantize": quantize,
+        "compile": bool(compile),
+    }

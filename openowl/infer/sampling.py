@@ -20,6 +20,7 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0  # 0 = off
     stop: tuple[str, ...] = field(default_factory=tuple)  # the text ends before the first stop string
     seed: int | None = None  # same seed, same prompts -> same text
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit) pairs, as OpenAI's
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -33,6 +34,7 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items()))
 
     def with_(self, **changes) -> SamplingParams:
         return replace(self, **changes)
@@ -98,6 +100,9 @@ def sample_next(
             banned = banned_ngram_tokens(ids, params.no_repeat_ngram_size)
             if banned:
                 logits[row, banned] = float("-inf")
+    if params.logit_bias:
+        tokens, biases = zip(*params.logit_bias, strict=True)
+        logits[:, list(tokens)] += torch.tensor(biases, device=logits.device)
     if not params.do_sample:
         return _argmax(logits)
     logits = logits / params.temperature

@@ -114,7 +114,8 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": detok.text})
 
     def _tokenize_turn(self, message: dict, num_images: int, num_videos: int) -> list[int]:
-        """Raises ValueError when the text itself holds `<image>` / `<|video|>` tags (they would not match)."""
+        """The turn's ids: its text tokenized as text only (a `<image>` typed in it is characters), its media as
+        placeholders."""
         processor = self.engine.processor
         first = not self.ids
         # The first turn: BOS, system line, the user's lines, "AI: ". Later: "\nHuman: ...\nAI: " after the EOS.

@@ -1,5 +1,6 @@
 """Who may use the server: the API key (`Authorization: Bearer <key>`, compared in constant time) on the routes that
-need it, and the Host-header allow-list that stops a web page from reaching a loopback server by DNS rebinding."""
+need it, the Host-header allow-list that stops a web page from reaching a loopback server by DNS rebinding, and the
+browser origins allowed to call the API (CORS, off unless asked for)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hmac
 from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from openowl.serve.errors import APIError
@@ -31,3 +33,12 @@ def add_host_check(app: FastAPI, allowed_hosts: Sequence[str] | None) -> None:
     """Refuse (400) requests whose Host header is not in `allowed_hosts`; with None, accept any."""
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+
+def add_cors(app: FastAPI, origins: Sequence[str]) -> None:
+    """Let web pages from `origins` call the API from a browser (CORS: preflights answered, `Access-Control-*`
+    headers); with none, add nothing, so browsers keep other origins out. Add it last: it wraps everything, so
+    that refusals (401, 429) reach the page too."""
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip

@@ -4,6 +4,9 @@ Rows are left-padded to a common length and the attention mask marks each row's 
 counted from the mask, so a row computes what it would compute alone (as in `infer/generate.py`). Joining pads the
 shorter of the two caches on the left and concatenates them; leaving keeps the other rows and drops the columns that
 have become padding in every row.
+
+New rows are prefilled by a `Prefill`, a chunk of prompt positions at a time, so that the scheduler can run the
+running rows' decoding steps between two chunks of a long prompt; they join once their whole prompt is in.
 """
 
 from __future__ import annotations
@@ -14,8 +17,38 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from openowl.infer.generate import decode_one_token, new_cache, prefill
+from openowl.infer.generate import decode_one_token, new_cache, prefill_chunks
 from openowl.model.owl import OwlForConditionalGeneration
+
+
+class Prefill:
+    """Left-padded prompts being prefilled in a KV cache of their own, `chunk` positions per `advance()` (None: all at
+    once), until they join a `RunningBatch`."""
+
+    def __init__(
+        self,
+        model: OwlForConditionalGeneration,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        repeats: Sequence[int],
+        image_features: torch.Tensor | None = None,
+        video_features: torch.Tensor | None = None,
+        chunk: int | None = None,
+    ):
+        self.cache = new_cache(model)
+        self.repeats = list(repeats)
+        self.logits: torch.Tensor | None = None  # (J, V), once done
+        self.mask: torch.Tensor | None = None  # (J, L), once done
+        self._chunks = prefill_chunks(model, input_ids, attention_mask, self.cache, image_features, video_features,
+                                      chunk)  # fmt: skip
+
+    @torch.no_grad()
+    def advance(self) -> bool:
+        """Run the next chunk through the model. -> whether the whole prompt is now in the cache."""
+        done = next(self._chunks)
+        if done is not None:
+            self.logits, self.mask = done
+        return done is not None
 
 
 class RunningBatch:
@@ -49,8 +82,14 @@ class RunningBatch:
         Returns:
             `(sum(repeats), V)` logits of each new row's last prompt position.
         """
-        cache = new_cache(self.model)
-        logits, mask = prefill(self.model, input_ids, attention_mask, cache, image_features, video_features)
+        pending = Prefill(self.model, input_ids, attention_mask, repeats, image_features, video_features)
+        while not pending.advance():
+            pass
+        return self.join(pending)
+
+    def join(self, prefilled: Prefill) -> torch.Tensor:
+        """Append the rows of a finished `Prefill`. -> `(sum(repeats), V)` logits of their last prompt position."""
+        cache, logits, mask, repeats = prefilled.cache, prefilled.logits, prefilled.mask, prefilled.repeats
         if any(r != 1 for r in repeats):
             index = torch.repeat_interleave(torch.arange(len(repeats)), torch.tensor(repeats)).to(logits.device)
             cache.batch_select_indices(index)

@@ -1,11 +1,13 @@
 """The chat-completions handler: a parsed `ChatCompletionRequest` checked against the server's limits, turned into
-prompt ids, media and sampling parameters, queued on the scheduler as one `Job`, and answered whole or as a stream.
+prompt ids (message text tokenized as text only: no special token, no media tag), media and sampling
+parameters, queued on the scheduler as one `Job`, and answered whole or as a stream.
 
 A request is checked from the cheapest test to the dearest — (body size, JSON and field types in the route) the
-model name, the number of choices, the queue, media counts, prompt and output tokens, then each image's header and
-pixels — and every refusal is a 4xx in OpenAI's error shape that names the limit. Only a valid request takes a place
-in the bounded queue; a full queue answers 429 with `Retry-After`. A client that disconnects cancels its request,
-and its rows leave the batch before the next step.
+model name, the number of choices, the queue, media counts, the text's length in characters (before anything is
+tokenized), prompt and output tokens, then each image's header and pixels — and every refusal is a 4xx in OpenAI's
+error shape that names the limit. Only a valid request takes a place in the bounded queue; a full queue answers 429
+with `Retry-After`. A client that disconnects cancels its request, and its rows leave the batch before the next
+step.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ class OpenAIServingChat:
         self._check_request(body)
         messages, media = protocol.conversation(body.messages)
         self._check_media(media)
-        prompt = self.engine.processor.apply_chat_template(messages)
-        prompt_ids = await run_in_threadpool(self.engine.processor.tokenize_prompt, prompt)
-        params = protocol.sampling_params(body, self.config.defaults, self._max_new_tokens(body, len(prompt_ids)))
+        self._check_text_length(messages)
+        prompt_ids = await run_in_threadpool(self._prompt_ids, messages)
+        vocab_size = self.engine.model.language_model.config.vocab_size
+        max_new_tokens = self._max_new_tokens(body, len(prompt_ids))
+        params = protocol.sampling_params(body, self.config.defaults, max_new_tokens, vocab_size)
         images, videos = await self._load_media(media)
 
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -90,6 +94,21 @@ class OpenAIServingChat:
         if video and not self.engine.model.config.video:
             message = f"{video.param}: the model {self.config.model_name!r} takes no videos (a -video checkpoint does)"
             raise APIError(400, message, "video_not_supported", video.param)
+
+    def _check_text_length(self, messages: list[dict]) -> None:
+        """Refuse, before rendering or tokenizing anything, text too long for `--max-prompt-tokens` whatever its
+        tokens: no token covers more than `max_token_chars` characters."""
+        chars = sum(len(part["text"]) for message in messages for part in message["content"] if part["type"] == "text")
+        per_token, limit = self.engine.processor.max_token_chars, self.config.max_prompt_tokens
+        if chars > limit * per_token:
+            raise APIError(400, f"the messages hold {chars} characters of text, more than {limit} tokens of at most "
+                           f"{per_token} characters each can hold; the limit is {limit} prompt tokens "
+                           "(--max-prompt-tokens)", "prompt_too_long", "messages")  # fmt: skip
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's ids: its message text tokenized as text only, its images and videos as placeholders."""
+        processor = self.engine.processor
+        return processor.tokenize_prompt(processor.apply_chat_template(messages))
 
     def _max_new_tokens(self, body: ChatCompletionRequest, prompt_tokens: int) -> int:
         config = self.config

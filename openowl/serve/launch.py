@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,8 @@ from openowl.infer.engine import Engine
 from openowl.infer.sampling import SamplingParams
 from openowl.serve.config import MediaPolicy, ServeConfig, loopback_hosts
 
-POSITIVE_LIMITS = ("max_batch_size", "max_queue", "max_body_bytes", "max_image_pixels", "max_prompt_tokens",
-                   "max_output_tokens")  # fmt: skip
+POSITIVE_LIMITS = ("max_batch_size", "max_queue", "max_body_bytes", "max_inflight_bytes", "max_image_pixels",
+                   "max_prompt_tokens", "max_output_tokens", "prefill_chunk")  # fmt: skip
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,16 +30,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST",
         help="a host that http(s) image URLs may name (repeatable); by default only data: URIs are accepted",
     )
+    group.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (as https://app.example) whose pages may call the API from a browser (repeatable; CORS); "
+        "by default none",
+    )
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     limits = parser.add_argument_group("batching and limits (the defaults are in brackets)")
     for flag, default, help_ in (
         ("--max-batch-size", ServeConfig.max_batch_size, "rows decoded together"),
         ("--max-queue", ServeConfig.max_queue, "requests that may wait for a place; beyond, 429"),
         ("--max-body-bytes", ServeConfig.max_body_bytes, "request body size"),
+        ("--max-inflight-bytes", ServeConfig.max_inflight_bytes, "body bytes read or decoded at once; beyond, 503"),
         ("--max-images", ServeConfig.max_images, "images and videos per request"),
         ("--max-image-pixels", MediaPolicy.max_image_pixels, "width x height of an image or frame, from its header"),
         ("--max-prompt-tokens", ServeConfig.max_prompt_tokens, "prompt tokens, visual tokens included"),
         ("--max-output-tokens", ServeConfig.max_output_tokens, "the largest max_tokens a request may ask for"),
+        ("--prefill-chunk", ServeConfig.prefill_chunk, "prompt tokens prefilled per step, between decoding steps"),
     ):
         limits.add_argument(flag, type=int, default=default, help=f"{help_} [{default}]")
 
@@ -54,6 +65,12 @@ def serve_config(args: argparse.Namespace, defaults: SamplingParams) -> ServeCon
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
     if args.max_images < 0:
         raise ValueError("--max-images must be ≥ 0")
+    if args.max_inflight_bytes < args.max_body_bytes:
+        raise ValueError(f"--max-inflight-bytes ({args.max_inflight_bytes}) must be ≥ --max-body-bytes "
+                         f"({args.max_body_bytes}), or no request of the largest size could be read")  # fmt: skip
+    for origin in args.cors_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port], without a path")
     model = Path(args.model)
     media = MediaPolicy(
         max_image_pixels=args.max_image_pixels,
@@ -68,15 +85,18 @@ def serve_config(args: argparse.Namespace, defaults: SamplingParams) -> ServeCon
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        max_inflight_bytes=args.max_inflight_bytes,
+        prefill_chunk=args.prefill_chunk,
         max_images=args.max_images,
         max_prompt_tokens=args.max_prompt_tokens,
         max_output_tokens=args.max_output_tokens,
         media=media,
+        cors_origins=tuple(args.cors_origin),
     )
 
 
 def run_server(args: argparse.Namespace, config: ServeConfig, make_engine: Callable[[], Engine]) -> int:
-    """Serve until interrupted; `demo` prints (and with --open, opens) the page's address instead of the API's."""
+    """Serve the HTTP API until interrupted."""
     try:
         import uvicorn
 
@@ -89,14 +109,6 @@ def run_server(args: argparse.Namespace, config: ServeConfig, make_engine: Calla
     app = create_app(make_engine(), config)
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else host}:{args.port}"
-    if args.command == "demo":
-        print(f"openowl demo: open {url}/ in a browser", file=sys.stderr, flush=True)
-        if args.open:
-            import threading
-            import webbrowser
-
-            threading.Timer(1.0, webbrowser.open, [f"{url}/"]).start()
-    else:
-        print(f"openowl serve: {config.model_name!r} at {url}/v1 (demo page at {url}/)", file=sys.stderr, flush=True)
+    print(f"openowl serve: {config.model_name!r} at {url}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -2,10 +2,14 @@
 URLs only from hosts on the allow-list (the server never fetches from a host it was not told to trust), `file:` and
 every other scheme never. An image's size is read from its header and checked against the pixel limit before a
 single pixel is decoded (decompression bombs), and decoding errors of any kind become a 400 naming the part.
+Base64 is decoded in a worker thread (as the handler decodes images), never on the event loop, and a MiB at a time,
+so that the loop's thread gets the GIL in between; a fetch has one
+deadline for the whole of it, so a host that dribbles bytes can't hold a request longer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -15,11 +19,13 @@ from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from openowl.processing import to_rgb
 from openowl.serve.config import MediaPolicy
 from openowl.serve.errors import APIError
 
+_PIECE = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -27,11 +33,12 @@ async def read_media(url: str, param: str, policy: MediaPolicy) -> bytes:
     """The bytes a `data:` URI holds, or those an allowed `http(s)` URL serves (no redirects followed).
 
     Raises:
-        APIError: a scheme that is refused, a host not allowed, bad base64, a fetch that fails or is too large.
+        APIError: a scheme that is refused, a host not allowed, bad base64, a fetch that fails, is too large or
+            takes longer than `policy.fetch_timeout`.
     """
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return _decode_data_uri(url, param)
+        return await run_in_threadpool(_decode_data_uri, url, param)
     if scheme in ("http", "https"):
         host = (urlsplit(url).hostname or "").lower()
         if host not in policy.allow_hosts:
@@ -48,12 +55,37 @@ def _decode_data_uri(url: str, param: str) -> bytes:
         raise APIError(400, f"{param}: a data: URI must be base64, as data:image/png;base64,...", "invalid_data_uri",
                        param)  # fmt: skip
     try:
-        return base64.b64decode(match["data"], validate=True)
+        return b64decode(match["data"])
     except (binascii.Error, ValueError):
         raise APIError(400, f"{param}: the data: URI is not valid base64", "invalid_data_uri", param) from None
 
 
+def b64decode(data: str) -> bytes:
+    """Strict base64 (as `base64.b64decode(data, validate=True)`), decoded a MiB at a time: one call would hold the
+    GIL for the whole string (a quarter of a second for 20 MB), and the event loop's thread with it.
+
+    Raises:
+        binascii.Error: not base64, or padding before the end.
+    """
+    pieces = []
+    for start in range(0, len(data), _PIECE):
+        piece = data[start : start + _PIECE]
+        if start + _PIECE < len(data) and "=" in piece:
+            raise binascii.Error("padding before the end of the data")
+        pieces.append(base64.b64decode(piece, validate=True))
+    return b"".join(pieces)
+
+
 async def _fetch(url: str, param: str, policy: MediaPolicy) -> bytes:
+    try:
+        async with asyncio.timeout(policy.fetch_timeout):  # the whole fetch; httpx's timeout is per connect or read
+            return await _fetch_within(url, param, policy)
+    except TimeoutError:
+        raise APIError(400, f"{param}: fetching the URL took longer than {policy.fetch_timeout:g} s", "fetch_failed",
+                       param) from None  # fmt: skip
+
+
+async def _fetch_within(url: str, param: str, policy: MediaPolicy) -> bytes:
     try:
         async with (
             httpx.AsyncClient(follow_redirects=False, timeout=policy.fetch_timeout) as client,

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from openowl.constants import IMAGE_TAG, VIDEO_TAG
 from openowl.infer.sampling import SamplingParams
 from openowl.serve.errors import APIError
 
@@ -20,7 +19,7 @@ MAX_STOP_STRINGS = 4
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")  # fields not declared: refused by name (`unsupported`)
 
 
 class TextPart(_Strict):
@@ -29,8 +28,7 @@ class TextPart(_Strict):
 
 
 class MediaURL(_Strict):
-    url: str
-    detail: str | None = None  # accepted and ignored: every image is resized to the model's input size
+    url: str  # `detail` may be "auto" or "low" (`NO_OP_VALUES`): the model sees every image at its one input size
 
 
 class ImagePart(_Strict):
@@ -56,6 +54,10 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
+    """The parameters this server honours. Any other field, here or in a message or part, is refused
+    (`unsupported_parameter`) unless it is null or holds its no-op value (`NO_OP_VALUES`): none is silently
+    ignored."""
+
     model: str
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
@@ -69,15 +71,33 @@ class ChatCompletionRequest(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> a bias in [-100, 100] added to its logit
+    user: str | None = None  # the end user's id, for the provider's records: this server keeps none
+
+
+# Fields accepted although not honoured, because the value they hold asks for nothing (null always does).
+NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),  # without tools, nothing to call
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "store": (False,),
+    "detail": ("auto", "low"),  # of an image_url: the model sees each image at its one (low) input size
+}
+_HINTS = {
+    "presence_penalty": " (use repetition_penalty)",
+    "frequency_penalty": " (use repetition_penalty)",
+    "detail": " (the model sees every image at its one input size: use auto or low)",
+}
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
-    """Raises APIError (400) naming the first field that is wrong, or saying the body is not JSON."""
+    """Raises APIError (400) naming the first field that is wrong or not supported, or saying the body is not JSON."""
     try:
         request = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as err:
@@ -86,13 +106,34 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             raise APIError(400, f"the body is not valid JSON: {first['msg']}", "invalid_json") from None
         param = _param(first["loc"])
         raise APIError(400, f"{param or 'body'}: {first['msg']}", "invalid_value", param) from None
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name) != 0:
-            raise APIError(400, f"{name} is not supported (use repetition_penalty)", "unsupported_parameter", name)
-    if request.logprobs or request.tools or (request.response_format or {}).get("type", "text") != "text":
-        param = "logprobs" if request.logprobs else "tools" if request.tools else "response_format"
-        raise APIError(400, f"{param} is not supported by this server", "unsupported_parameter", param)
+    refused = unsupported(request)
+    if refused:
+        name = refused[0]
+        others = f" (nor {', '.join(refused[1:])})" if refused[1:] else ""
+        hint = _HINTS.get(name.rsplit(".", 1)[-1], "")
+        raise APIError(400, f"{name} is not supported by this server{hint}{others}",
+                       "unsupported_parameter", name)  # fmt: skip
     return request
+
+
+def unsupported(model: BaseModel, where: str = "") -> list[str]:
+    """The fields of a parsed request that the server would not honour, nested ones as `messages[0].name`: every
+    field its models don't declare, unless null or holding its no-op value (`NO_OP_VALUES`)."""
+    out = [
+        f"{where}{name}" for name, value in (model.model_extra or {}).items()
+        if value is not None and not any(_same(value, ok) for ok in NO_OP_VALUES.get(name, ()))
+    ]  # fmt: skip
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, BaseModel):
+                out += unsupported(item, f"{where}{name}{f'[{i}]' if isinstance(value, list) else ''}.")
+    return out
+
+
+def _same(value: Any, no_op: Any) -> bool:
+    """JSON equality, where `false` is not `0` (nor `true` 1)."""
+    return value == no_op and isinstance(value, bool) == isinstance(no_op, bool)
 
 
 def _param(loc: tuple) -> str:
@@ -124,7 +165,7 @@ def conversation(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Me
     """Request messages -> messages for `processor.apply_chat_template` and the media they reference, in reading order.
 
     Raises:
-        APIError: media outside a user message, or `<image>` / `<|video|>` tags typed in the text.
+        APIError: media outside a user message.
     """
     out, media = [], []
     for i, message in enumerate(messages):
@@ -133,10 +174,7 @@ def conversation(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Me
         converted = []
         for j, part in enumerate(parts):
             where = f"messages[{i}].content" + ("" if isinstance(content, str) else f"[{j}]")
-            if isinstance(part, TextPart):
-                if IMAGE_TAG in part.text or VIDEO_TAG in part.text:
-                    raise APIError(400, f"{where}: the text may not contain {IMAGE_TAG} or {VIDEO_TAG}; send images "
-                                   "as image_url parts", "invalid_value", where)  # fmt: skip
+            if isinstance(part, TextPart):  # text only: an `<image>` in it is characters, as `<|im_end|>` is
                 converted.append({"type": "text", "text": part.text})
                 continue
             kind = "image" if isinstance(part, ImagePart) else "video"
@@ -149,9 +187,11 @@ def conversation(messages: list[Message]) -> tuple[list[dict[str, Any]], list[Me
     return out, media
 
 
-def sampling_params(request: ChatCompletionRequest, defaults: SamplingParams, max_new_tokens: int) -> SamplingParams:
+def sampling_params(
+    request: ChatCompletionRequest, defaults: SamplingParams, max_new_tokens: int, vocab_size: int
+) -> SamplingParams:
     """The request's sampling fields over the server's defaults. Temperature 0 is greedy, > 0 samples; fields left
-    out keep the server's default (`openowl serve --preset ...`)."""
+    out keep the server's default (`openowl serve --preset ...`). `vocab_size` bounds `logit_bias`'s token ids."""
     changes: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if request.temperature is not None:
         changes["do_sample"] = request.temperature > 0
@@ -166,7 +206,30 @@ def sampling_params(request: ChatCompletionRequest, defaults: SamplingParams, ma
             raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "invalid_value",
                            "stop")  # fmt: skip
         changes["stop"] = tuple(stops)
+    if request.logit_bias:
+        changes["logit_bias"] = logit_bias(request.logit_bias, vocab_size)
     try:
         return defaults.with_(**changes)
     except ValueError as err:
         raise APIError(400, str(err), "invalid_value") from None
+
+
+def logit_bias(biases: dict[str, float], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias` (token ids as strings -> biases in [-100, 100]) as `SamplingParams.logit_bias`.
+
+    Raises:
+        APIError: too many entries, a key that is not a token id of the model, or a bias out of range.
+    """
+    if len(biases) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(biases)}", "invalid_value",
+                       "logit_bias")  # fmt: skip
+    out = []
+    for key, bias in biases.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id (0 to {vocab_size - 1})", "invalid_value",
+                           "logit_bias")  # fmt: skip
+        if not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias: the bias of token {key} is {bias}, outside [-100, 100]", "invalid_value",
+                           "logit_bias")  # fmt: skip
+        out.append((int(key), float(bias)))
+    return tuple(out)

@@ -1,8 +1,10 @@
 """Continuous batching: one thread owns the model and runs the generation steps of every request in flight.
 
-Each step: drop the rows of requests whose client left, admit waiting requests while the batch has room (prefill
-them together, left-padded, and join their rows to the running batch), then feed every row its last token for one
-decoding step and sample each row's next token with its own parameters and its own random stream. Requests join and
+Each step: drop the rows of requests whose client left, admit waiting requests while the batch has room (prefilled
+together, left-padded, one chunk of at most `prefill_chunk` prompt tokens per step, their rows joining the running
+batch once their prompts are in), then feed every row its last token for one decoding step and sample each row's
+next token with its own parameters and its own random stream. A long prompt thus delays the running rows by about
+one chunk per step, never by its whole prefill. Requests join and
 leave between steps, so a short answer never waits for a long one. Text goes back token by token through each
 request's `emit` callback; detokenization and stop strings are the engine's `Detokenizer`.
 
@@ -25,7 +27,7 @@ import torch
 from openowl.infer.engine import Detokenizer, Engine
 from openowl.infer.sampling import SamplingParams, sample_next
 from openowl.processing import ImageInput
-from openowl.serve.batch import RunningBatch
+from openowl.serve.batch import Prefill, RunningBatch
 
 logger = logging.getLogger(__name__)
 
@@ -141,15 +143,18 @@ class Stats:
 class Scheduler:
     """Owns the engine's model in one background thread; `submit` jobs from any thread."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 8, max_queue: int = 32):
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError(f"need max_batch_size ≥ 1 and max_queue ≥ 1, got {max_batch_size}, {max_queue}")
+    def __init__(self, engine: Engine, max_batch_size: int = 8, max_queue: int = 32, prefill_chunk: int = 256):
+        if min(max_batch_size, max_queue, prefill_chunk) < 1:
+            raise ValueError(f"need max_batch_size, max_queue and prefill_chunk ≥ 1, got {max_batch_size}, "
+                             f"{max_queue}, {prefill_chunk}")  # fmt: skip
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk  # prompt tokens (padding included) per step
         self.stats = Stats()
         self.batch = RunningBatch(engine.model)
         self.rows: list[_Row] = []
+        self.prefilling: tuple[list[Job], Prefill] | None = None  # admitted jobs whose prompts are going in
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -200,7 +205,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self.rows):
+                while not (self._stopping or self._waiting or self.rows or self.prefilling):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -210,15 +215,19 @@ class Scheduler:
                 logger.exception("generation step failed")
                 self._fail([row.job for row in self.rows], f"generation failed: {err}")
                 self.rows, self.batch = [], RunningBatch(self.engine.model)
-        self._fail([*(row.job for row in self.rows), *self._waiting], "the server is shutting down")
+        prefilling = self.prefilling[0] if self.prefilling else []
+        self._fail([*(row.job for row in self.rows), *prefilling, *self._waiting], "the server is shutting down")
 
     @torch.no_grad()
     def step(self) -> None:
-        """Drop cancelled rows, admit what fits, run one decoding step for every row."""
+        """Drop cancelled rows, admit what fits, prefill one chunk, run one decoding step for every row."""
         if any(row.job.cancelled for row in self.rows):
             self.stats.cancelled += len({row.job for row in self.rows if row.job.cancelled})
             self._retire()
-        self._admit()
+        if self.prefilling is None:
+            self._admit()
+        if self.prefilling is not None:
+            self._prefill_chunk()
         if not self.rows:
             return
         logits = self.batch.step(torch.tensor([row.token for row in self.rows]))
@@ -226,6 +235,7 @@ class Scheduler:
         self.stats.steps += 1
 
     def _admit(self) -> None:
+        """Take the waiting jobs that fit and start their prefill (the visual encoders run here, whole)."""
         jobs: list[Job] = []
         room = self.max_batch_size - len(self.rows)
         with self._wake:
@@ -239,24 +249,43 @@ class Scheduler:
         if not jobs:
             return
         try:
-            logits = self._prefill(jobs)
+            self.prefilling = jobs, self._prefill(jobs)
         except Exception as err:
             logger.exception("prefill failed")
             self._fail(jobs, f"prefill failed: {err}")
-            return
-        rows = [self._row(job, choice, params) for job in jobs for choice, params in enumerate(job.params)]
-        self.rows += rows
-        self.stats.admitted += len(jobs)
-        self.stats.prompt_tokens += sum(len(job.prompt_ids) for job in jobs)
-        self._advance(rows, logits)
 
-    def _prefill(self, jobs: list[Job]) -> torch.Tensor:
+    def _prefill(self, jobs: list[Job]) -> Prefill:
         engine = self.engine
         batch = engine.processor.pad([job.prompt_ids for job in jobs], padding_side="left")
         image_features = engine.image_features([image for job in jobs for image in job.images])
         video_features = engine.video_features([video for job in jobs for video in job.videos])
         repeats = [len(job.params) for job in jobs]
-        return self.batch.add(batch["input_ids"], batch["attention_mask"], repeats, image_features, video_features)
+        columns = max(1, self.prefill_chunk // len(jobs))  # (J, columns) positions per chunk
+        return Prefill(engine.model, batch["input_ids"], batch["attention_mask"], repeats, image_features,
+                       video_features, columns)  # fmt: skip
+
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the jobs being prefilled; once their prompts are in, their rows join the batch."""
+        jobs, pending = self.prefilling
+        if all(job.cancelled for job in jobs):
+            self.stats.cancelled += len(jobs)
+            self.prefilling = None
+            return
+        try:
+            if not pending.advance():
+                return
+            logits = self.batch.join(pending)
+        except Exception as err:
+            logger.exception("prefill failed")
+            self.prefilling = None
+            self._fail(jobs, f"prefill failed: {err}")
+            return
+        self.prefilling = None
+        rows = [self._row(job, choice, params) for job in jobs for choice, params in enumerate(job.params)]
+        self.rows += rows
+        self.stats.admitted += len(jobs)
+        self.stats.prompt_tokens += sum(len(job.prompt_ids) for job in jobs)
+        self._advance(rows, logits)
 
     def _row(self, job: Job, choice: int, params: SamplingParams) -> _Row:
         # Choice i of a seeded request draws from seed + i: choice 0 is what the engine gives for the seed alone.

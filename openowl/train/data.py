@@ -46,6 +46,7 @@ class TokenizedSample:
     non_media_mask: torch.Tensor
     answer_mask: torch.Tensor
     num_images: int
+    answers_cut: int = 0  # answers that truncation cut short: partly kept, their EOS lost
 
     @property
     def labels(self) -> torch.Tensor:
@@ -73,11 +74,12 @@ def tokenize_conversation(
     `render_conversation(messages, "mplug-owl")` on its own, an `<image>` as `num_visual_tokens` placeholders.
 
     An image block that would not fit is dropped whole; other pieces are cut to the room left, and an answer
-    keeps its EOS only if there is room for it.
+    keeps its EOS only if there is room for it (`answers_cut` counts those that lost it).
     """
     room = max_length + 1
     ids: list[int] = [tokenizer.bos_token_id]
     is_answer: list[int] = [0]
+    cut = 0
     for piece, answer in render_conversation(messages, "mplug-owl"):
         left = room - len(ids)
         if piece == IMAGE_TAG:
@@ -86,10 +88,16 @@ def tokenize_conversation(
                 is_answer += [0] * num_visual_tokens
             continue
         tokens = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        tokens = (tokens + [tokenizer.eos_token_id])[:left] if answer else tokens[:left]
+        if answer:
+            cut += 0 < left < len(tokens) + 1
+            tokens = (tokens + [tokenizer.eos_token_id])[:left]
+        else:
+            tokens = tokens[:left]
         ids += tokens
         is_answer += [int(answer)] * len(tokens)
-    return _padded(ids, is_answer, max_length, tokenizer.pad_token_id, num_visual_tokens)
+    sample = _padded(ids, is_answer, max_length, tokenizer.pad_token_id, num_visual_tokens)
+    sample.answers_cut = cut
+    return sample
 
 
 def tokenize_chat_conversation(
@@ -100,16 +108,20 @@ def tokenize_chat_conversation(
 
     Each answer's text is supervised up to and including the template's end-of-turn (EOS) token; everything else
     — system text, user turns, role headers, image placeholders — is context (`render_conversation`). A
-    conversation longer than `max_length + 1` ids is cut there, an image block that would not fit whole dropped.
+    conversation longer than `max_length + 1` ids is cut there, an image block that would not fit whole dropped
+    (`answers_cut` counts the answers cut short, their end of turn lost).
     """
     tokenizer, visual = processor.tokenizer, processor.num_visual_tokens
     ids: list[int] = []
     is_answer: list[int] = []
+    answers: list[tuple[int, int]] = []  # (start, end) of each answer's ids
     for piece, answer in render_conversation(messages, "chat-template", tokenizer):
         if piece == IMAGE_TAG:
             tokens = [IMAGE_PLACEHOLDER_ID] * visual
         else:
             tokens = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if answer:
+            answers.append((len(ids), len(ids) + len(tokens)))
         ids += tokens
         is_answer += [int(answer)] * len(tokens)
     cut = max_length + 1
@@ -118,7 +130,9 @@ def tokenize_chat_conversation(
             while cut > 0 and ids[cut - 1] == IMAGE_PLACEHOLDER_ID:
                 cut -= 1
         ids, is_answer = ids[:cut], is_answer[:cut]
-    return _padded(ids, is_answer, max_length, tokenizer.pad_token_id, visual)
+    sample = _padded(ids, is_answer, max_length, tokenizer.pad_token_id, visual)
+    sample.answers_cut = sum(start < cut < end for start, end in answers)
+    return sample
 
 
 def tokenize_sample(messages: Sequence[dict[str, Any]], processor: OwlProcessor, max_length: int) -> TokenizedSample:
@@ -148,6 +162,7 @@ def _padded(
 # --- samples and readers -------------------------------------------------------------------------
 
 FORMATS = ("auto", "upstream", "llava", "caption")
+IMAGE_CHECKS = ("verify", "decode", "none")  # how `TrainDataset` checks images up front
 _HUMAN_ROLES = {"human", "user"}
 _AI_ROLES = {"gpt", "assistant"}
 
@@ -364,11 +379,13 @@ class TrainDataset(torch.utils.data.Dataset):
 
     - its conversation holds a different number of `<image>` tags than it lists images (`image_count_mismatch`),
     - one of its images is missing or unreadable (see `check_images`),
+    - truncation to `max_length` dropped one of its image blocks (it would train as text-only on answers about an
+      image it never sees),
     - no token of it is supervised (truncation to `max_length` cut every answer; these would give a NaN loss
       upstream).
 
-    One warning gives the count and a few ids of the samples dropped for having no supervised token, another those
-    skipped for their images.
+    Answers that truncation cut short (partly kept, their EOS lost) are counted (`answers_cut`), not dropped. One
+    warning per kind gives the count and a few ids.
 
     Every left-out sample is in `skipped` as `(id, reason)`; `report()` summarises them. Only the real tokens are
     kept (compactly: int32 ids and a boolean loss mask), so a sample of the dataset is at most `max_length + 1`
@@ -379,7 +396,11 @@ class TrainDataset(torch.utils.data.Dataset):
     `train_transform` with a generator seeded from `(seed, epoch, index)`: the same index in the same epoch always
     gets the same crop, whatever the worker. Call `set_epoch` before each epoch (before `iter(loader)`; with
     `persistent_workers` the workers would keep the epoch they started with). With `train=False`, `eval_transform`.
-    An image block that truncation dropped drops its image too.
+
+    An image that passes the check but fails to load later (a truncated JPEG passes "verify") never stops a run:
+    the item comes back with no supervised token (all labels `IGNORE_INDEX`, black pixels in the image's place, so
+    the batch keeps its shape and adds nothing to the loss), and the sample joins `skipped` and `failed` (upstream
+    silently trained on another sample instead).
 
     Args:
         samples: the samples (see `read_samples`).
@@ -387,10 +408,9 @@ class TrainDataset(torch.utils.data.Dataset):
         max_length: the upstream `max_length` (sequences hold at most `max_length + 1` tokens).
         train: random crops and flips (True) or the deterministic eval resize (False).
         seed: the seed of the image augmentation.
-        check_images: how images are checked at construction: "verify" (PIL open + verify: reads headers and
-            structure, fast, but a truncated JPEG passes), "decode" (a full decode of every image, slow, catches
-            truncation) or "none". An image that passes the check but fails to load later raises a RuntimeError
-            naming the sample in `__getitem__` (upstream silently trained on another sample instead).
+        check_images: how images are checked at construction (`IMAGE_CHECKS`): "verify" (PIL open + verify: reads
+            headers and structure, fast, but a truncated JPEG passes), "decode" (a full decode of every image,
+            slow, catches truncation) or "none".
     """
 
     def __init__(
@@ -402,7 +422,7 @@ class TrainDataset(torch.utils.data.Dataset):
         seed: int = 0,
         check_images: str = "verify",
     ):
-        if check_images not in ("verify", "decode", "none"):
+        if check_images not in IMAGE_CHECKS:
             raise ValueError(f"check_images must be 'verify', 'decode' or 'none', not {check_images!r}")
         self.processor = processor
         self.max_length = max_length
@@ -410,27 +430,23 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
+        self.failed: dict[str, str] = {}  # id -> why its image failed to load after the check
         self.samples: list[Sample] = []
+        self.answers_cut = 0
         self._num_images: list[int] = []
         self._offsets = array("q", [0])
         ids, supervised = array("i"), array("b")
         image_problems: dict[Path, str | None] = {}
-        unsupervised: list[str] = []
-        bad: list[str] = []  # image problems
+        left_out: dict[str, list[str]] = {"unsupervised": [], "images": [], "image_cut": [], "answer_cut": []}
         for sample in samples:
-            problem = image_count_mismatch(sample)
-            if problem is None and check_images != "none":
-                checks = (_check_image(p, image_problems, decode=check_images == "decode") for p in sample.images)
-                problem = next(filter(None, checks), None)
+            kind, problem, tokens = self._admit(sample, image_problems, check_images)
             if problem:
                 self.skipped.append((sample.id, problem))
-                bad.append(sample.id)
+                left_out[kind].append(sample.id)
                 continue
-            tokens = tokenize_sample(sample.messages, processor, max_length)
-            if tokens.num_supervised == 0:
-                unsupervised.append(sample.id)
-                self.skipped.append((sample.id, f"no supervised token within max_length={max_length}"))
-                continue
+            if tokens.answers_cut:
+                self.answers_cut += tokens.answers_cut
+                left_out["answer_cut"].append(sample.id)
             length = tokens.length
             ids.extend(tokens.input_ids[:length].tolist())
             supervised.extend((tokens.labels[:length] != IGNORE_INDEX).tolist())
@@ -441,7 +457,26 @@ class TrainDataset(torch.utils.data.Dataset):
         self._supervised = (
             torch.frombuffer(supervised, dtype=torch.int8).bool() if ids else torch.zeros(0, dtype=torch.bool)
         )
-        _warn_left_out(len(samples), max_length, unsupervised, bad)
+        _warn_left_out(len(samples), max_length, left_out)
+
+    def _admit(
+        self, sample: Sample, image_problems: dict[Path, str | None], check_images: str
+    ) -> tuple[str, str | None, TokenizedSample | None]:
+        """(kind, why the sample is left out or None, its tokens)."""
+        problem = image_count_mismatch(sample)
+        if problem is None and check_images != "none":
+            checks = (_check_image(p, image_problems, decode=check_images == "decode") for p in sample.images)
+            problem = next(filter(None, checks), None)
+        if problem:
+            return "images", problem, None
+        tokens = tokenize_sample(sample.messages, self.processor, self.max_length)
+        if tokens.num_images < len(sample.images):
+            dropped = len(sample.images) - tokens.num_images
+            why = f"truncation to max_length={self.max_length} dropped {dropped} of its {len(sample.images)} image(s)"
+            return "image_cut", why, tokens
+        if tokens.num_supervised == 0:
+            return "unsupervised", f"no supervised token within max_length={self.max_length}", tokens
+        return "", None, tokens
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -460,17 +495,32 @@ class TrainDataset(torch.utils.data.Dataset):
         """Select the augmentation stream of `epoch` (crops and flips differ from epoch to epoch)."""
         self.epoch = epoch
 
+    def add_failed(self, failed: dict[str, str]) -> None:
+        """Record samples whose images failed to load (in this process or, gathered, in others) as skipped."""
+        for sample_id, reason in failed.items():
+            if sample_id not in self.failed:
+                self.failed[sample_id] = reason
+                self.skipped.append((sample_id, reason))
+
     def report(self, limit: int | None = 100) -> str:
-        """A summary of the samples left out: their count, then one `id: reason` line each (the first `limit`)."""
-        total = len(self.samples) + len(self.skipped)
+        """A summary of the samples left out: their count, then one `id: reason` line each (the first `limit`);
+        then the number of answers truncation cut short."""
+        total = len(self.samples) + len(self.skipped) - len(self.failed)  # a failed sample is in both
+        cut = f"\n{self.answers_cut} answer(s) cut short by truncation (EOS lost)" if self.answers_cut else ""
         if not self.skipped:
-            return f"all {total} samples kept"
+            return f"all {total} samples kept" + cut
         shown = self.skipped if limit is None else self.skipped[:limit]
         lines = [f"skipped {len(self.skipped)} of {total} samples:"]
         lines += [f"  {sample_id}: {reason}" for sample_id, reason in shown]
         if len(shown) < len(self.skipped):
             lines.append(f"  ... and {len(self.skipped) - len(shown)} more (all in .skipped)")
-        return "\n".join(lines)
+        return "\n".join(lines) + cut
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for a run's final metrics: samples used, skipped (with the first ids), answers cut short."""
+        return {"samples": len(self.samples) + len(self.skipped) - len(self.failed), "skipped": len(self.skipped),
+                "skipped_ids": [sample_id for sample_id, _ in self.skipped[:20]],
+                "failed_to_load": sorted(self.failed), "answers_cut": self.answers_cut}  # fmt: skip
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
@@ -480,17 +530,21 @@ class TrainDataset(torch.utils.data.Dataset):
         start, end = self._offsets[index], self._offsets[index + 1]
         input_ids = self._ids[start:end].long()
         labels = input_ids.masked_fill(~self._supervised[start:end], IGNORE_INDEX)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "pixel_values": self._pixels(index, sample.images[: self._num_images[index]]),
-            "id": sample.id,
-        }
+        pixels = self._pixels(index, sample.images[: self._num_images[index]])
+        if pixels is None:  # an image failed to load: the sample keeps its place and adds nothing
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+            size = self.processor.image_size
+            pixels = torch.zeros((self._num_images[index], 3, size, size), dtype=torch.float32)
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "id": sample.id}
 
-    def _pixels(self, index: int, paths: Sequence[Path]) -> torch.Tensor:
+    def _pixels(self, index: int, paths: Sequence[Path]) -> torch.Tensor | None:
+        """The sample's images, transformed; None when one fails to load (the sample is then recorded as failed)."""
         p = self.processor
         if not paths:
             return torch.zeros((0, 3, p.image_size, p.image_size), dtype=torch.float32)
+        sample_id = self.samples[index].id
+        if sample_id in self.failed:
+            return None
         generator = make_generator(self.seed, self.epoch, index) if self.train else None
         out = []
         for path in paths:
@@ -499,8 +553,10 @@ class TrainDataset(torch.utils.data.Dataset):
                     out.append(train_transform(path, p.image_size, generator, p.image_mean, p.image_std))
                 else:
                     out.append(eval_transform(path, p.image_size, p.image_mean, p.image_std))
-            except (OSError, ValueError) as err:
-                raise RuntimeError(f"sample {self.samples[index].id!r}: {err}") from err
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                self.add_failed({sample_id: f"image {path} failed to load ({err})"})
+                logger.warning("sample %r skipped: image %s failed to load (%s)", sample_id, path, err)
+                return None
         return torch.stack(out)
 
 
@@ -522,20 +578,20 @@ def _check_image(path: Path, cache: dict[Path, str | None], decode: bool = False
     return cache[path]
 
 
-def _warn_left_out(total: int, max_length: int, unsupervised: Sequence[str], bad: Sequence[str]) -> None:
-    """One warning for the samples dropped for having no supervised token, one for those skipped for their images."""
-    if unsupervised:
-        logger.warning(
-            "dropped %d of %d samples with no supervised token (truncation to max_length=%d cut every answer): "
-            "%s",
-            len(unsupervised), total, max_length, _some_ids(unsupervised),
-        )  # fmt: skip
-    if bad:
-        logger.warning(
-            "skipped %d of %d samples whose images are missing, unreadable or not one per <image> tag: %s "
-            "(see report())",
-            len(bad), total, _some_ids(bad),
-        )  # fmt: skip
+def _warn_left_out(total: int, max_length: int, left_out: dict[str, list[str]]) -> None:
+    """One warning per kind of sample left out (or, for answers cut short, kept but counted)."""
+    messages = {
+        "unsupervised": "dropped %d of %d samples with no supervised token (truncation to max_length=%d cut every "
+        "answer): %s",
+        "images": "skipped %d of %d samples whose images are missing, unreadable or not one per <image> tag "
+        "(max_length=%d): %s (see report())",
+        "image_cut": "skipped %d of %d samples whose image block truncation to max_length=%d dropped: %s",
+        "answer_cut": "kept %d of %d samples with an answer that truncation to max_length=%d cut short (its EOS "
+        "lost): %s",
+    }
+    for kind, message in messages.items():
+        if left_out[kind]:
+            logger.warning(message, len(left_out[kind]), total, max_length, _some_ids(left_out[kind]))
 
 
 def _some_ids(ids: Sequence[str], limit: int = 5) -> str:

@@ -9,25 +9,37 @@ answers the same call on every process, and the main process gets the whole tens
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 
 def make_accelerator(grad_accum: int):
     """The `accelerate.Accelerator` of this launch. accelerate's own CPU path (`cpu=True`) only knows DDP; a
     DeepSpeed launch on a machine without a GPU gets the non-CPU path with gloo, which DeepSpeed's CPU accelerator
-    runs."""
+    runs. An FSDP launch on a machine without a GPU runs as DDP (accelerate runs FSDP only on GPUs): it says so."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     if torch.cuda.is_available():
-        return Accelerator(gradient_accumulation_steps=grad_accum)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        accelerator = Accelerator(gradient_accumulation_steps=grad_accum)
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         gloo = InitProcessGroupKwargs(backend="gloo")
-        return Accelerator(cpu=False, gradient_accumulation_steps=grad_accum, kwargs_handlers=[gloo])
-    return Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+        accelerator = Accelerator(cpu=False, gradient_accumulation_steps=grad_accum, kwargs_handlers=[gloo])
+    else:
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
+        logger.warning(
+            "FSDP was asked for, but accelerate runs FSDP only on GPUs: this run is plain DDP on the CPU "
+            "(distributed type %s), every process holding the whole model, its gradients and optimizer state",
+            accelerator.distributed_type.value,
+        )
+    return accelerator
 
 
 def is_sharded(accelerator) -> bool:

@@ -3,23 +3,28 @@
 
 One process or many (launched by `accelerate launch` / `torchrun`: DDP, FSDP or DeepSpeed through accelerate; the
 set-up and the sharded state are `train/distributed.py`'s). Every optimizer step takes one global batch of
-`micro_batch_size × grad_accum × world_size` samples and normalises the loss by the global number of supervised
-tokens, so the same global batch gives the same update however it is split across processes and accumulation
-steps.
+`micro_batch_size × grad_accum × world_size` samples: the sampler groups samples by length into global batches,
+each then cut into `grad_accum` micro-batches and each of those into one slice per process, and the loss is
+normalised by the global batch's number of supervised tokens. So the same global batch size gives the same
+samples and the same update (within float rounding, and but for dropout's random draws) however it is split
+across processes and accumulation steps.
 
 Checkpoints hold what the run changes (the trainable weights), the optimizer, the scheduler, the RNG states
-(`train/rng.py`) and the data position; they are written to a temporary folder, fsynced and renamed
-(`openowl.files`), so a checkpoint folder that exists is complete. `resume` continues bit for bit where the
-checkpoint left off. At the end of a run the main process draws the loss curve (`train/plot.py`).
+(`train/rng.py`), the data position and the settings that give all of these their meaning (`run_settings`); they
+are written to a temporary folder, fsynced and renamed (`openowl.files`), so a checkpoint folder that exists is
+complete. `resume` refuses a config whose settings differ, then continues bit for bit where the checkpoint left
+off. At the end of a run the main process draws the loss curve (`train/plot.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -27,10 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from openowl import files
-from openowl.model.lora import merge_lora
+from openowl.model.lora import is_lora_parameter, merge_lora
 from openowl.model.owl import OwlForConditionalGeneration, causal_lm_loss
 from openowl.processing import OwlProcessor
-from openowl.train.config import OptimSection, TrainConfig
+from openowl.train.config import SCHEDULES, OptimSection, TrainConfig, check_config
 from openowl.train.data import LengthGroupedSampler, TrainDataset, collate, read_samples
 from openowl.train.distributed import (
     configure_deepspeed,
@@ -52,6 +57,12 @@ from openowl.train.rng import load_rng_state, save_rng_state, seed_everything, s
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
 DEEPSPEED_FOLDER, DEEPSPEED_TAG = "deepspeed", "state"  # DeepSpeed's own files inside a checkpoint
+# Settings a resumed run may change: they don't change what the saved state means (where to write, how often to
+# log, evaluate or save, how to compute the same thing).
+FREE_SETTINGS = (
+    "data.dev", "train.output_dir", "train.bf16", "train.gradient_checkpointing", "train.compile",
+    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.num_workers",
+)  # fmt: skip
 
 
 class TrainRecipe:
@@ -66,6 +77,7 @@ class TrainRecipe:
         """Build the accelerator, the model with its policy, the data, the optimizer and its schedule; then resume
         from a checkpoint (a folder, or a run folder's newest) when given one."""
         cfg = self.cfg
+        check_config(cfg)  # load_config checks too; a config built in code may not have been
         self.accelerator = make_accelerator(cfg.train.grad_accum)
         sharded = is_sharded(self.accelerator)
         if cfg.train.compile and sharded:
@@ -73,24 +85,29 @@ class TrainRecipe:
         t = cfg.train
         configure_deepspeed(self.accelerator, t.micro_batch_size, t.grad_accum, cfg.optim.max_grad_norm)
         seed_everything(t.seed)
+        self.settings = run_settings(cfg, self.accelerator.num_processes)
+        checkpoint = None
+        if resume is not None:  # refused before anything loads when the settings differ
+            checkpoint = find_checkpoint(Path(resume))
+            check_settings(checkpoint, self.settings)
         self._setup_model(sharded)
         self._setup_data()
+        if checkpoint is not None:
+            check_settings(checkpoint, self.settings)  # now with the samples the data gave
         self._setup_optimizer()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.out = Path(t.output_dir)
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if resume is not None:
-            self.resume(resume)
+        if checkpoint is not None:
+            self.resume(checkpoint)
 
     def _setup_model(self, sharded: bool) -> None:
         """The model and processor, the policy applied (what trains), frozen bf16 Linears, compiled layers."""
         cfg = self.cfg
         with plain_init(self.accelerator.state.deepspeed_plugin):
             self.model, self.processor = self._load_model()
-        if cfg.policy not in POLICIES:
-            raise ValueError(f"unknown policy {cfg.policy!r}; known: {', '.join(POLICIES)}")
         self.policy = dataclasses.replace(POLICIES[cfg.policy], lora=cfg.lora)
         apply_policy(self.model, self.policy, gradient_checkpointing=cfg.train.gradient_checkpointing)
         self.bf16_linears: list[str] = []
@@ -107,22 +124,28 @@ class TrainRecipe:
 
     def _setup_data(self) -> None:
         """The training (and dev) datasets and the sampler of global batches; the number of steps."""
-        cfg = self.cfg
-        samples = read_samples(cfg.data.train, image_root=cfg.data.image_root, format=cfg.data.format)
-        self.dataset = TrainDataset(samples, self.processor, cfg.data.max_length, train=True, seed=cfg.train.seed)
+        d, t = self.cfg.data, self.cfg.train
+        samples = read_samples(d.train, image_root=d.image_root, format=d.format)
+        self.dataset = TrainDataset(samples, self.processor, d.max_length, train=True, seed=t.seed,
+                                    check_images=d.image_check)  # fmt: skip
         if len(self.dataset) == 0:
-            raise ValueError(f"{cfg.data.train}: no usable training sample ({self.dataset.report()})")
+            raise ValueError(f"{d.train}: no usable training sample ({self.dataset.report()})")
         self.dev = None
-        if cfg.data.dev:
-            dev_samples = read_samples(cfg.data.dev, image_root=cfg.data.image_root, format=cfg.data.format)
-            self.dev = TrainDataset(dev_samples, self.processor, cfg.data.max_length, train=False)
+        if d.dev:
+            dev_samples = read_samples(d.dev, image_root=d.image_root, format=d.format)
+            self.dev = TrainDataset(dev_samples, self.processor, d.max_length, train=False, check_images=d.image_check)
         world = self.accelerator.num_processes
-        self.global_micro = cfg.train.micro_batch_size * world
-        self.sampler = LengthGroupedSampler(
-            self.dataset.lengths, self.global_micro, seed=cfg.train.seed, drop_last=world > 1
-        )  # a short last batch could leave a process without samples
-        self.steps_per_epoch = max(1, self.sampler.num_batches // cfg.train.grad_accum)
-        self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
+        self.global_batch = t.micro_batch_size * t.grad_accum * world
+        short = len(self.dataset) % self.global_batch
+        # A short last batch could leave a process, or a micro-batch, without samples: dropped then.
+        self.sampler = LengthGroupedSampler(self.dataset.lengths, self.global_batch, seed=t.seed,
+                                            drop_last=world > 1 or 0 < short < t.grad_accum)  # fmt: skip
+        if self.sampler.num_batches == 0:
+            raise ValueError(f"{d.train}: {len(self.dataset)} usable samples don't fill one global batch of "
+                             f"{self.global_batch} (micro_batch_size × grad_accum × {world} processes)")  # fmt: skip
+        self.steps_per_epoch = self.sampler.num_batches  # one global batch per optimizer step
+        self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
+        self.settings["data.samples"] = _samples_digest(self.dataset)
 
     def _setup_optimizer(self) -> None:
         """The optimizer and its schedule, and the model and optimizer prepared by the accelerator."""
@@ -158,7 +181,7 @@ class TrainRecipe:
         from tqdm import tqdm
 
         cfg, acc = self.cfg, self.accelerator
-        writer = _tensorboard(self.out) if acc.is_main_process else None
+        writer = _tensorboard(self.out, self.step) if acc.is_main_process else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not acc.is_main_process)
         batches = self._batches()
         last: dict = {}
@@ -179,6 +202,7 @@ class TrainRecipe:
             bar.update(1)
             last = metrics
         bar.close()
+        last["data"] = self._data_summary()
         if self.dev is not None:
             last["dev_loss"] = self.evaluate()
             self._log({"step": self.step, "dev_loss": last["dev_loss"]}, writer)
@@ -187,26 +211,35 @@ class TrainRecipe:
             writer.close()
         if acc.is_main_process:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-            if self.dataset.skipped:
-                logger.warning("skipped samples: %s", self.dataset.report())
+            if self.dataset.skipped or self.dataset.answers_cut:
+                logger.warning("training data: %s", self.dataset.report())
         return last
 
+    def _data_summary(self) -> dict:
+        """The dataset's counts (`TrainDataset.summary`), with the samples whose images failed to load in any
+        process. Every process calls it."""
+        from accelerate.utils import gather_object
+
+        for failed in gather_object([self.dataset.failed]):
+            self.dataset.add_failed(failed)
+        return self.dataset.summary()
+
     def _batches(self):
-        """Endless micro-batches for this process, continuing from (epoch, batch_in_epoch)."""
-        acc, per = self.accelerator, self.cfg.train.micro_batch_size
+        """Endless micro-batches for this process, continuing from (epoch, batch_in_epoch): each global batch of
+        the sampler (one optimizer step; `batch_in_epoch` counts them) cut into `grad_accum` micro-batches, each
+        cut into one slice per process."""
+        acc, per, accum = self.accelerator, self.cfg.train.micro_batch_size, self.cfg.train.grad_accum
         pad = self.processor.tokenizer.pad_token_id
         while True:
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)
-            usable = (self.sampler.num_batches // self.cfg.train.grad_accum) * self.cfg.train.grad_accum
             for index, global_batch in enumerate(self.sampler):
                 if index < self.batch_in_epoch:
                     continue
-                if index >= usable:
-                    break
                 self.batch_in_epoch = index + 1
-                mine = global_batch[acc.process_index * per : (acc.process_index + 1) * per]
-                yield collate([self.dataset[i] for i in mine], pad)
+                for part in torch.tensor(global_batch).tensor_split(accum):  # a short last batch: near-equal parts
+                    mine = part.tolist()[acc.process_index * per : (acc.process_index + 1) * per]
+                    yield collate([self.dataset[i] for i in mine], pad)
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -320,7 +353,8 @@ class TrainRecipe:
         if engine is None:
             torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "settings": self.settings}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
         for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # files, then their folders
             files.fsync(path)
@@ -336,13 +370,11 @@ class TrainRecipe:
 
     def resume(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint folder, or from the
-        newest complete checkpoint of an output folder."""
-        path = Path(path)
-        if not (path / "state.json").is_file():
-            found = checkpoints(path)
-            if not found:
-                raise FileNotFoundError(f"{path}: no complete checkpoint (step-* folder) to resume from")
-            path = found[-1]
+        newest complete checkpoint of an output folder, after checking that it was written under this run's
+        settings (`check_settings`). Logged steps after the checkpoint's are dropped from `metrics.jsonl` (they
+        are trained again)."""
+        path = find_checkpoint(Path(path))
+        check_settings(path, self.settings)
         model = self.accelerator.unwrap_model(self.model)
         saved = load_file(path / "trainable.safetensors")
         mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -364,7 +396,9 @@ class TrainRecipe:
         load_rng_state(path, self._rng_name())
         state = json.loads((path / "state.json").read_text())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        logger.info("resumed from %s at step %d", path, self.step)
+        if self.accelerator.is_main_process:
+            _drop_logged_after(self.out / "metrics.jsonl", self.step)
+            print(f"resuming from {path} at step {self.step} of {self.total_steps}", file=sys.stderr, flush=True)
 
     def export(self, folder: str | Path) -> Path | None:
         """The trained model as a normal checkpoint folder (LoRA merged), loadable by `from_pretrained`. Every
@@ -378,7 +412,10 @@ class TrainRecipe:
             model.get_submodule(name).to(getattr(torch, self.cfg.model.dtype))
         folder = Path(folder)
         if self.policy.language_model == "lora" or "lora" in (self.policy.vision, self.policy.abstractor):
-            save_adapter(model, folder / "adapter")
+            # Parts trained in full go with the LoRA weights (stage2-abstractor's abstractor): base + adapter is
+            # then the trained model, not the base with only its LoRA changed.
+            full = {n: p for n, p in model.named_parameters() if p.requires_grad and not is_lora_parameter(n)}
+            save_adapter(model, folder / "adapter", base_model=self.cfg.model.path or self.cfg.model.preset, full=full)
             model = merge_lora(model)
         model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
@@ -430,6 +467,58 @@ def make_optimizer(trainable: list[torch.nn.Parameter], o: OptimSection) -> torc
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
+def run_settings(cfg: TrainConfig, num_processes: int) -> dict:
+    """The settings a checkpoint's state means something under, flat (`train.micro_batch_size`): every config
+    value but `FREE_SETTINGS`, the training file by its content (sha256: the file may move) and the number of
+    processes. The recipe adds `data.samples`, a digest of the samples the data gave."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(cfg.to_dict(), "")
+    for key in FREE_SETTINGS:
+        flat.pop(key)
+    train = Path(cfg.data.train)
+    flat["data.train"] = f"sha256:{files.sha256(train)}" if train.is_file() else str(train)
+    flat["processes"] = num_processes
+    return json.loads(json.dumps(flat))  # tuples as lists, as they are read back
+
+
+def check_settings(checkpoint: Path, settings: dict) -> None:
+    """Refuse to resume from a checkpoint written under other settings (`run_settings`).
+
+    Raises:
+        ValueError: naming each setting that differs, with the checkpoint's value and this run's.
+    """
+    saved = json.loads((checkpoint / "state.json").read_text()).get("settings")
+    if saved is None:
+        raise ValueError(f"{checkpoint}: written by an older openowl, without the settings it was trained under; "
+                         "it can't be checked against this config, so it is not resumed")  # fmt: skip
+    differ = [key for key in settings if key in saved and saved[key] != settings[key]]
+    differ += [key for key in saved if key not in settings and key != "data.samples"]
+    if differ:
+        shown = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {settings.get(key)!r}" for key in differ)
+        raise ValueError(
+            f"{checkpoint}: can't resume, these settings differ from the run that wrote it: {shown}. Resume with the "
+            "checkpoint's settings, or start a new run (another train.output_dir)"
+        )
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint folder itself, or the newest complete checkpoint of a run folder."""
+    if (path / "state.json").is_file():
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (step-* folder) to resume from")
+    return found[-1]
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in a run folder, oldest first (temporary `.tmp-*` folders are never complete)."""
     if not folder.is_dir():
@@ -446,14 +535,39 @@ def _schedule(optimizer, kind: str, warmup: int, total: int):
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
 
-    if kind not in ("cosine", "linear", "constant"):
+    if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r} (cosine, linear or constant)")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _tensorboard(folder: Path):
+def _samples_digest(dataset: TrainDataset) -> str:
+    """A digest of the samples a dataset kept (ids and lengths): the sampler's batches follow from them."""
+    text = json.dumps([dataset.ids, dataset.lengths])
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _drop_logged_after(metrics: Path, step: int) -> None:
+    """Remove the rows of steps after `step` from a metrics log (a resumed run logs them again)."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines()
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        files.atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """A metrics row's step; infinite for a row a killed run left half-written (it is dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def _tensorboard(folder: Path, step: int = 0):
+    """TensorBoard's writer; a resumed run (at `step`) purges the events of later steps, which it logs again."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: the jsonl log is enough
         return None
-    return SummaryWriter(str(folder / "tensorboard"))
+    return SummaryWriter(str(folder / "tensorboard"), purge_step=step + 1 if step else None)
