@@ -4,7 +4,7 @@ openowl generate --model PATH_OR_ID --image photo.jpg --prompt "What is this?"
 openowl generate --model PATH_OR_ID --input questions.jsonl --output answers.jsonl
 openowl chat --model PATH_OR_ID [--image photo.jpg ...]
 openowl serve --model PATH_OR_ID [--port 8000 --api-key KEY]     (an OpenAI-compatible HTTP API)
-openowl demo --model PATH_OR_ID                                   (a web chat page; open the printed URL)
+openowl demo --model PATH_OR_ID                                   (a web chat, and the same API, on one scheduler)
 openowl eval TASK --model PATH_OR_ID [--limit N --batch-size B]     (a benchmark; --list shows them)
 openowl train --config CONFIG.yaml [KEY=VALUE ...]                (stage 1, stage 2, full fine-tuning)
 openowl data easy-vqa DIR                                         (owl-small's training files)

@@ -28,7 +28,13 @@ class RunningServer:
 @contextmanager
 def serve(engine: Engine, config: ServeConfig):
     """Yield a `RunningServer` (its base URL and app); the server and its scheduler stop on exit."""
-    app = create_app(engine, config)
+    with serve_app(create_app(engine, config)) as running:
+        yield running
+
+
+@contextmanager
+def serve_app(app):
+    """Run an ASGI app under uvicorn in a background thread on a free loopback port; it stops on exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))

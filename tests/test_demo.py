@@ -7,12 +7,12 @@ The prompts the model saw are recorded by a scheduler that notes each job. A scr
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 from conftest import IMAGES
+from server_helpers import serve_app
 
 from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
@@ -21,7 +21,7 @@ from openowl.serve.config import ServeConfig, loopback_hosts
 from openowl.serve.scheduler import Delta, Finished, Scheduler
 
 pytest.importorskip("gradio")
-from openowl.serve.demo import ERROR_TITLE, DemoChat, InputError, Tab, build_demo, conversation, launch  # noqa: E402
+from openowl.serve.demo import ERROR_TITLE, DemoChat, InputError, Tab, conversation, demo_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -66,16 +66,12 @@ class RecordingScheduler(Scheduler):
 
 @pytest.fixture(scope="module")
 def demo(model, processor):
+    """`openowl demo`'s app (the API with the page mounted at /) on a free loopback port, over a recording
+    scheduler."""
     scheduler = RecordingScheduler(Engine(model, processor))
-    app, _ = build_demo(Engine(model, processor), CONFIG, scheduler)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    scheduler.start()
-    launch(app, CONFIG, "127.0.0.1", port, block=False)
-    yield app, scheduler, f"http://127.0.0.1:{port}/"
-    app.close()
-    scheduler.stop()
+    app = demo_app(Engine(model, processor), CONFIG, scheduler)
+    with serve_app(app) as running:
+        yield app, scheduler, running.url + "/"
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +272,22 @@ def test_demo_binds_loopback_by_default_and_checks_the_host(demo):
     url = demo[2]
     assert httpx.get(url).status_code == 200
     assert httpx.get(url, headers={"Host": "rebound.example"}).status_code == 400  # DNS rebinding
+
+
+def test_the_page_and_the_api_share_one_scheduler(demo, processor):
+    """`openowl demo` serves the OpenAI API beside the page, and a request to it is decoded by the page's scheduler
+    (so the page's messages and the API's requests batch together)."""
+    import httpx
+
+    _, scheduler, url = demo
+    jobs = len(scheduler.jobs)
+    assert httpx.get(url + "v1/models").json()["data"][0]["id"] == CONFIG.model_name
+    body = {"model": CONFIG.model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    reply = httpx.post(url + "v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert len(scheduler.jobs) == jobs + 1
+    turn = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert scheduler.jobs[-1].prompt_ids == processor.tokenize_prompt(processor.apply_chat_template(turn))
 
 
 def test_videos_on_a_video_checkpoint_and_images_opened_once_downscaled(video_model, tmp_path):

@@ -32,9 +32,10 @@ from openowl.serve.scheduler import Scheduler
 CHAT_PATH = "/v1/chat/completions"
 
 
-def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    """The app; its scheduler thread starts and stops with the app's lifespan (`app.state.scheduler`)."""
-    scheduler = Scheduler(engine, config.max_batch_size, config.max_queue, config.prefill_chunk)
+def create_app(engine: Engine, config: ServeConfig, scheduler: Scheduler | None = None) -> FastAPI:
+    """The app; its scheduler thread (by default a new one over `engine`) starts and stops with the app's lifespan
+    (`app.state.scheduler`)."""
+    scheduler = scheduler or Scheduler(engine, config.max_batch_size, config.max_queue, config.prefill_chunk)
     statuses: Counter[int] = Counter()  # chat-completion responses by HTTP status
 
     @asynccontextmanager

@@ -1,13 +1,13 @@
-"""`openowl demo`: a web chat on Gradio's multimodal `ChatInterface`, over the server's own `Scheduler`.
+"""`openowl demo`: a web chat on Gradio's multimodal `ChatInterface`, mounted on the HTTP API's app (`demo_app`).
 
-Each message becomes one scheduler `Job`, as an HTTP chat completion does (`handler.py`), so the messages of several
-browser tabs are decoded in one batch. Each turn sends the model the whole conversation, but no image travels twice:
-Gradio keeps uploaded files on the server and the page sends back only their paths; each file is opened once,
-squash-resized to the model's input size at once (`media.open_image`, as the server does) and kept in a small cache,
-and the engine's feature cache reuses the earlier images' features. Stop and Clear cancel the running job (its rows
-leave the batch before the next step), so a cleared turn never reaches the next prompt. Bad input (a file that won't
-decode, a video for a model without video, a conversation too long for the context, a busy server) is answered as a
-message in the chat; such a turn is left out of the next prompts.
+Each message becomes one scheduler `Job` on the API's own `Scheduler`, as an HTTP chat completion does
+(`handler.py`), so browser tabs and API clients are decoded in one batch. Each turn sends the model the whole
+conversation, but no image travels twice: Gradio keeps uploaded files on the server and the page sends back only
+their paths; each file is opened once, squash-resized to the model's input size at once (`media.open_image`, as the
+server does) and kept in a small cache, and the engine's feature cache reuses the earlier images' features. Stop and
+Clear cancel the running job (its rows leave the batch before the next step), so a cleared turn never reaches the
+next prompt. Bad input (a file that won't decode, a video for a model without video, a conversation too long for the
+context, a busy server) is answered as a message in the chat; such a turn is left out of the next prompts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import functools
 import hmac
 import mimetypes
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -306,39 +307,39 @@ def _examples() -> list[list]:
     ]
 
 
-def _host_check(config: ServeConfig) -> list:
-    """Bound to loopback, the page answers only to loopback Host names, as the server does (DNS rebinding)."""
-    from starlette.middleware import Middleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
+def demo_app(engine: Engine, config: ServeConfig, scheduler: Scheduler | None = None):
+    """The HTTP API's app (`create_app`) with the page mounted at `/`: one scheduler decodes the page's messages and
+    the API's requests in one batch. The API keeps its routes, key and Host check (which covers the page too); with
+    `config.api_key` the page asks for the key as its password."""
+    import gradio as gr
 
-    hosts = config.allowed_hosts
-    return [] if hosts is None else [Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))]
+    from openowl.serve.app import create_app
 
-
-def launch(demo, config: ServeConfig, host: str, port: int, open_browser: bool = False, block: bool = True) -> None:
-    """Start serving the page (and, with `block`, serve until interrupted). With `config.api_key`, the page asks
-    for it as the password; bound to loopback, it answers only to loopback Host names (`_host_check`)."""
+    app = create_app(engine, config, scheduler)
+    page, _ = build_demo(engine, config, app.state.scheduler)
+    page.queue(max_size=config.max_queue, default_concurrency_limit=None)
     key = config.api_key
     auth = None if key is None else (lambda _user, password: hmac.compare_digest(password.encode(), key.encode()))
-    demo.queue(max_size=config.max_queue, default_concurrency_limit=None).launch(
-        server_name=host, server_port=port, inbrowser=open_browser, max_file_size=config.max_body_bytes, auth=auth,
-        show_error=True, app_kwargs={"middleware": _host_check(config)}, prevent_thread_lock=not block,
-        quiet=not block,
-    )  # fmt: skip
+    return gr.mount_gradio_app(app, page, path="/", auth=auth, max_file_size=config.max_body_bytes, show_error=True)
 
 
 def run_demo(
     make_engine: Callable[[], Engine], config: ServeConfig, host: str, port: int, open_browser: bool = False
 ) -> int:
-    """Serve the page until interrupted (Ctrl-C)."""
+    """Serve the page and the API until interrupted (Ctrl-C)."""
     try:
         import gradio  # noqa: F401
+        import uvicorn
     except ImportError as err:
         raise ImportError(f"the demo needs the demo extra: pip install -e '.[demo]' ({err})") from err
-    demo, scheduler = build_demo(make_engine(), config)
-    scheduler.start()
-    try:
-        launch(demo, config, host, port, open_browser)
-    finally:
-        scheduler.stop()
+    app = demo_app(make_engine(), config)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/"
+    print(f"openowl demo: open {url} in a browser (the API is at {url}v1)", file=sys.stderr, flush=True)
+    if open_browser:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.5, webbrowser.open, [url]).start()
+    uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0
