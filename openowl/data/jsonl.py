@@ -4,6 +4,7 @@ file that an interrupted run may have cut (its last line is dropped, to be answe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,12 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
 def as_list(value: Any) -> list:
     """None -> [], a string -> [it], a sequence -> a list."""
     return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def check_unique_ids(ids: Iterable, where: str) -> None:
+    """Raises ValueError naming the first id that occurs twice."""
+    seen: set = set()
+    for key in ids:
+        if key in seen:
+            raise ValueError(f"{where}: the id {key!r} occurs twice; ids must be unique")
+        seen.add(key)

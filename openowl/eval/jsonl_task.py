@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from openowl.data.jsonl import as_list, read_rows
+from openowl.data.jsonl import as_list, check_unique_ids, read_rows
 from openowl.eval.items import Item
 from openowl.eval.metrics import LETTERS
 
@@ -43,8 +43,7 @@ def load_jsonl(path: str | Path) -> list[Item]:
             raise ValueError(f"{path}:{number}: {err}") from err
     if not items:
         raise ValueError(f"{path}: no questions")
-    if len({it.id for it in items}) < len(items):
-        raise ValueError(f"{path}: ids must be unique")
+    check_unique_ids((it.id for it in items), str(path))
     return items
 
 

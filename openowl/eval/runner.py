@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openowl.data.jsonl import read_answers
+from openowl.data.jsonl import check_unique_ids, read_answers
 from openowl.eval.items import Item, Task
 from openowl.eval.likelihood import continuation_logprobs
 from openowl.eval.metrics import LETTERS, circular_options
@@ -24,7 +24,6 @@ from openowl.eval.results import score, write_results
 from openowl.infer.answering import (
     check_media_files,
     check_settings,
-    check_unique_ids,
     content_digest,
     media_stamp,
     sampling_settings,

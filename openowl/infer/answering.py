@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from openowl.data.jsonl import read_answers, read_questions
+from openowl.data.jsonl import check_unique_ids, read_answers, read_questions
 from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
 from openowl.processing import load_image
@@ -80,15 +80,6 @@ def check_media_files(paths: Iterable[tuple[str, Path]]) -> None:
         owner, path = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"{owner}: {path}: no such file{more}")
-
-
-def check_unique_ids(ids: Iterable, where: str) -> None:
-    """Raises ValueError naming the first id that occurs twice."""
-    seen: set = set()
-    for key in ids:
-        if key in seen:
-            raise ValueError(f"{where}: the id {key!r} occurs twice; ids must be unique")
-        seen.add(key)
 
 
 # --- generate --input ----------------------------------------------------------------------------
