@@ -6,8 +6,10 @@ The prompts the model saw are recorded by a scheduler that notes each job. A scr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,15 @@ from openowl.serve.config import ServeConfig, loopback_hosts
 from openowl.serve.scheduler import Delta, Finished, Scheduler
 
 pytest.importorskip("gradio")
-from openowl.serve.demo import ERROR_TITLE, DemoChat, InputError, Tab, conversation, demo_app  # noqa: E402
+from openowl.serve.demo import (  # noqa: E402
+    ERROR_TITLE,
+    SETTLE_S,
+    DemoChat,
+    InputError,
+    Tab,
+    conversation,
+    demo_app,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -179,6 +189,8 @@ def test_clear_during_a_stream_drops_the_turn(demo, page, model, processor):
         scheduler.delay = 0.0
     assert running not in scheduler.finished
     page.wait_for_function("() => !document.querySelector('textarea').disabled", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => !document.querySelector('[data-testid=bot]')", timeout=TIMEOUT_MS)
+    time.sleep(1.5)  # the stopped answer's last updates have landed: they must not bring the cleared turns back
     assert page.locator("[data-testid=bot]").count() == 0
     _send(page, "Hi")
     answer = _wait_answer(page, scheduler, done + 1)
@@ -223,6 +235,43 @@ def test_history_written_back_after_a_clear_is_left_out():
     assert tab.current([*old, *turn[:1]]) == turn[:1]  # Retry / Undo take entries off the end
     tab.clear()
     assert tab.current([]) == [] and tab.current(turn) == turn  # a Clear with nothing written back
+
+
+def test_a_clear_that_stopped_an_answer_empties_the_page_again_once_it_ended():
+    """The page's side of the same write-back: after a Clear that stopped an answer, `settle` empties the chat again
+    when that answer has ended; a Clear with nothing running, or a new message sent meanwhile, changes nothing."""
+    import gradio as gr
+
+    async def settle_after(tab: Tab, answer_ends: float, new_message: bool = False) -> tuple:
+        async def the_answer():
+            await asyncio.sleep(answer_ends)
+            tab.answering -= 1
+            if new_message:
+                tab.started, tab.answering = tab.started + 1, tab.answering + 1
+
+        task = asyncio.create_task(the_answer())
+        started = time.monotonic()
+        result = await tab.settle()
+        await task
+        return result, time.monotonic() - started
+
+    def run(coroutine):  # in a thread of its own: the browser tests' Playwright keeps a loop running in this one
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coroutine).result()
+
+    tab = Tab()
+    tab.started, tab.answering = 1, 1
+    tab.clear()
+    result, waited = run(settle_after(tab, 0.3))
+    assert result == ([], [], []) and waited >= 0.3 + SETTLE_S
+    tab = Tab()
+    tab.clear()  # nothing was running
+    assert all(isinstance(update, dict) and update == gr.skip() for update in run(tab.settle()))
+    tab = Tab()
+    tab.started, tab.answering = 1, 1
+    tab.clear()
+    result, _ = run(settle_after(tab, 0.1, new_message=True))
+    assert all(update == gr.skip() for update in result)  # the new message's turn stays
 
 
 def test_conversation_keeps_file_references_and_drops_refused_turns():

@@ -34,6 +34,7 @@ from openowl.serve.scheduler import Delta, Failed, Finished, Job, QueueFullError
 
 ERROR_TITLE = "⚠️ not sent to the model"  # the title of an error message in the chat; its turn is left out
 MEDIA_CACHE = 64  # opened (downscaled) images and videos kept, by file path
+SETTLE_S = 0.5  # after a cleared answer stops: time for the page's own updates of it to land before the last Clear
 EXAMPLE_PROMPTS = ("Describe this image in detail.", "What is in these pictures? Compare them.")
 
 
@@ -45,17 +46,35 @@ class Tab:
     Gradio's history can outlive a Clear pressed during a stream: an update of the cancelled answer that was already
     on its way writes the old turns back into the history the next message is sent with, though the page shows none
     of them. So the first message after a Clear counts the history it comes with as cleared, and every later
-    message of the tab leaves that many entries out (Retry and Undo only ever take entries off the end).
+    message of the tab leaves that many entries out (Retry and Undo only ever take entries off the end). The page
+    can show them again too, so a Clear empties the chat once more when the answer it stopped has ended (`settle`).
     """
 
     def __init__(self):
         self.cleared = 0
+        self.started, self.answering = 0, 0  # answers of this tab: ever started, streaming now
         self.stale = 0  # history entries left out of every prompt: what a Clear left behind
         self._fresh = False  # cleared, and no message sent since
+        self._stopped: int | None = None  # `started` when a Clear stopped an answer
 
     def clear(self) -> tuple[list, list, list]:
         self.cleared += 1
         self.stale, self._fresh = 0, True
+        self._stopped = self.started if self.answering else None
+        return [], [], []
+
+    async def settle(self) -> tuple:
+        """After a Clear that stopped an answer: the chat emptied again once that answer has ended and its last
+        updates have landed, unless a new message was sent meanwhile. Otherwise nothing changes."""
+        import gradio as gr
+
+        stopped, loop = self._stopped, asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while stopped is not None and self.answering and self.started == stopped and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(SETTLE_S if stopped is not None else 0)
+        if stopped is None or self.started != stopped:
+            return gr.skip(), gr.skip(), gr.skip()
         return [], [], []
 
     def current(self, history: list[dict]) -> list[dict]:
@@ -144,7 +163,18 @@ class DemoChat:
     ) -> AsyncIterator[Any]:
         """Yields the answer so far after each step; a refusal is one error message. Stops at once when the tab's
         chat is cleared."""
-        cleared, history = tab.cleared, tab.current(history)
+        tab.started, tab.answering = tab.started + 1, tab.answering + 1
+        try:
+            async with contextlib.aclosing(self._respond(message, tab.current(history), tab, system, *controls)) as run:
+                async for update in run:
+                    yield update
+        finally:  # closing `run` first: its job leaves the batch
+            tab.answering -= 1
+
+    async def _respond(
+        self, message: dict, history: list[dict], tab: Tab, system: str, *controls: Any
+    ) -> AsyncIterator[Any]:
+        cleared = tab.cleared
         try:
             prepared = await asyncio.to_thread(self.prepare, message, history, system)
             params = self.sampling(len(prepared.prompt_ids), *controls)
@@ -275,15 +305,16 @@ def build_demo(engine: Engine, config: ServeConfig, scheduler: Scheduler | None 
 
 
 def _cancel_on_clear(demo, tab) -> None:
-    """Clear cancels what Stop cancels (the running answer) and empties the conversation once more after that, so
-    that the stream can't write the cleared turn back (Gradio's own Clear leaves the answer running, and its next
-    update restores the conversation, cleared turn included)."""
+    """Clear cancels what Stop cancels (the running answer) and empties the conversation once more when that answer
+    has ended, so that the stream can't write the cleared turns back (Gradio's own Clear leaves the answer running,
+    and its next update restores the conversation, cleared turn included)."""
     stopped = {i for fn in demo.fns.values() if (demo.textbox._id, "stop") in fn.targets for i in fn.cancels}
     if not stopped:
         raise RuntimeError("this Gradio version's ChatInterface has no Stop to follow; Clear could not cancel")
     with demo:
-        demo.chatbot.clear(Tab.clear, tab, [demo.chatbot, demo.chatbot_state, demo.chatbot_value], queue=False,
-                           cancels=[demo.fns[i].get_config() for i in sorted(stopped)])  # fmt: skip
+        outputs = [demo.chatbot, demo.chatbot_state, demo.chatbot_value]
+        cancels = [demo.fns[i].get_config() for i in sorted(stopped)]
+        demo.chatbot.clear(Tab.clear, tab, outputs, queue=False, cancels=cancels).then(Tab.settle, tab, outputs)
 
 
 @functools.cache
