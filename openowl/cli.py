@@ -8,6 +8,8 @@ openowl demo --model PATH_OR_ID                                   (a web chat, a
 openowl eval TASK --model PATH_OR_ID [--limit N --batch-size B]     (a benchmark; --list shows them)
 openowl train --config CONFIG.yaml [KEY=VALUE ...]                (stage 1, stage 2, full fine-tuning)
 openowl data easy-vqa DIR                                         (owl-small's training files)
+openowl data cache-features CONFIG.yaml [KEY=VALUE ...]           (a frozen ViT's outputs, computed once)
+openowl data shards FILE.jsonl OUT/train-{:05d}.tar                (a jsonl file as WebDataset tar shards)
 openowl pack EXPORT [EXPORT ...]                                  (owl-small's shipped trained weights)
 
 Each `cmd_*` function turns its flags into one call of a feature module; the logic lives there.
@@ -209,6 +211,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.dataset == "cache-features":
+        from openowl.train.config import load_config
+        from openowl.train.recipe import run_feature_cache
+
+        print(run_feature_cache(load_config(args.config, args.overrides))["line"])
+        return 0
+    if args.dataset == "shards":
+        from openowl.train.stream import jsonl_to_shards
+
+        written = jsonl_to_shards(Path(args.input), args.out, args.per_shard, args.image_root)
+        print(f"{len(written)} shard(s): {written[0]} ... {written[-1]}" if written else "no rows: nothing written")
+        return 0
     from openowl.data.easy_vqa import write_training_data
 
     print(json.dumps(write_training_data(Path(args.out), args.questions_per_image, args.yes_no_per_image)))
@@ -289,11 +303,29 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", choices=["easy-vqa"], help="the data set to write training files for")
-    parser.add_argument("out", help="the folder to write them into")
-    parser.add_argument("--questions-per-image", type=int, help="cap on stage-2 questions per image (default: all)")
-    parser.add_argument("--yes-no-per-image", type=int, default=6,
-                        help="generated yes/no questions per image for stage 2b (default: 6)")  # fmt: skip
+    kinds = parser.add_subparsers(dest="dataset", required=True)
+    easy = kinds.add_parser("easy-vqa", help="write owl-small's training files")
+    easy.add_argument("out", help="the folder to write them into")
+    easy.add_argument("--questions-per-image", type=int, help="cap on stage-2 questions per image (default: all)")
+    easy.add_argument("--yes-no-per-image", type=int, default=6,
+                      help="generated yes/no questions per image for stage 2b (default: 6)")  # fmt: skip
+    cache = kinds.add_parser(
+        "cache-features", help="compute a frozen ViT's outputs for the training images once, into data.features",
+        description="Run the training config's frozen ViT over every training image (eval transform) and store its "
+        "outputs in data.features (safetensors shards, keyed by the sha256 of each image file); a rerun continues "
+        "an interrupted build. Under `accelerate launch` the processes share the shards.",
+    )  # fmt: skip
+    cache.add_argument("config", help="the training YAML config")
+    cache.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.features=DIR")
+    shards = kinds.add_parser(
+        "shards", help="write a training jsonl file and its images as WebDataset tar shards (for streamed training)",
+        description="Each row becomes KEY.json (its fields) and KEY.jpg / KEY.0.png, ... (its image files' bytes); "
+        "train on them with data.train='OUT/*.tar'.",
+    )  # fmt: skip
+    shards.add_argument("input", help="the jsonl file (image paths relative to it, or to --image-root)")
+    shards.add_argument("out", help="the shard names, with one {} for the shard number: shards/train-{:05d}.tar")
+    shards.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
+    shards.add_argument("--image-root", help="the folder image paths are relative to (default: the file's)")
 
 
 def _pack_args(parser: argparse.ArgumentParser) -> None:
@@ -333,7 +365,8 @@ COMMANDS: dict[str, tuple[str, str | None, Callable, Callable]] = {
         "under `accelerate launch` or `torchrun`.",
         _train_args, cmd_train,
     ),
-    "data": ("write the training files of a data set (easy-vqa: owl-small's recipe)", None, _data_args, cmd_data),
+    "data": ("write training files (easy-vqa: owl-small's recipe; tar shards) or a frozen ViT's feature cache", None,
+             _data_args, cmd_data),
     "pack": ("collect the trained weights of owl-small's LoRA runs into its shipped file", None, _pack_args, cmd_pack),
 }  # fmt: skip
 

@@ -426,10 +426,12 @@ def test_an_image_that_fails_to_load_is_skipped_not_fatal(tmp_path):
     system = "The following is a conversation between a curious human and AI assistant."
     bad = {"id": "cut-jpeg", "text": f"{system}\nHuman: <image>\nAI: A photo.", "image": [str(truncated)]}
     data.write_text(json.dumps(bad) + "\n" + data.read_text())
-    for check in ("verify", "decode"):
-        out = tmp_path / f"run-{check}"
+    losses = {}
+    for check, workers in (("verify", 0), ("verify", 2), ("decode", 0)):  # with workers: noted from their batches
+        out = tmp_path / f"run-{check}-{workers}"
         args = _config(tmp_path, **{"data.train": str(data), "train.max_steps": 8, "train.grad_accum": 1,
-                                    "data.image_check": check, "train.output_dir": str(out)})  # fmt: skip
+                                    "data.image_check": check, "train.output_dir": str(out),
+                                    "train.num_workers": workers})  # fmt: skip
         recipe = TrainRecipe(load_config(None, args))
         recipe.setup()
         metrics = recipe.train()
@@ -437,6 +439,8 @@ def test_an_image_that_fails_to_load_is_skipped_not_fatal(tmp_path):
         assert metrics["data"]["skipped_ids"] == ["cut-jpeg"] and metrics["data"]["samples"] == 17
         assert metrics["data"]["failed_to_load"] == (["cut-jpeg"] if check == "verify" else [])
         assert "cut-jpeg" in recipe.dataset.report()
+        losses[check, workers] = _losses(out)
+    assert losses["verify", 2] == losses["verify", 0]  # DataLoader workers load the same batches
 
 
 def test_accumulation_splits_of_one_global_batch_take_the_same_steps(tmp_path):

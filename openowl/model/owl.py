@@ -110,9 +110,14 @@ class OwlForConditionalGeneration(nn.Module):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(N, 3, H, W)` pixels -> `(N, 65, D)` visual tokens in the LM's embedding space."""
-        image_tokens = self.vision_model(pixel_values.to(self.device))  # (N, 257, C)
-        queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
-        return self.abstractor(queries, image_tokens)
+        return self.abstract_images(self.vision_model(pixel_values.to(self.device)))  # ViT: (N, 257, C)
+
+    def abstract_images(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """`(N, 257, C)` ViT outputs -> `(N, 65, D)` visual tokens: the learned queries read them through the
+        abstractor. Apart from the ViT so that ViT outputs computed once (`openowl.train.features`) still train the
+        abstractor."""
+        queries = self.query_tokens.expand(vision_tokens.shape[0], -1, -1)
+        return self.abstractor(queries, vision_tokens.to(self.device))
 
     def get_video_features(self, video_pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, 3, T, H, W)` frames -> `(B, 65, D)` visual tokens (one block per video)."""
@@ -144,22 +149,30 @@ class OwlForConditionalGeneration(nn.Module):
         video_pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         video_features: torch.Tensor | None = None,
+        vision_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`(B, L)` ids with placeholders -> `(B, L, D)` input embeddings with the visual tokens spliced in.
 
         Images fill the image placeholders in reading order (sample by sample, left to right); videos likewise.
-        Pass precomputed `image_features` / `video_features` instead of pixels to reuse an encoding.
+        Pass precomputed `image_features` / `video_features` instead of pixels to reuse an encoding, or the images'
+        ViT outputs `vision_tokens` `(N, 257, C)` (a feature cache's; cast to the model's dtype) to run only the
+        abstractor on them.
 
         Raises:
-            ValueError: when the placeholders and the images (or videos) given don't match in number.
+            ValueError: when the placeholders and the images (or videos) given don't match in number, or when both
+                pixels and ViT outputs are given for the images.
         """
         input_ids = input_ids.to(self.device)
         unknown = (input_ids < 0) & (input_ids != IMAGE_PLACEHOLDER_ID) & (input_ids != VIDEO_PLACEHOLDER_ID)
         if unknown.any():
             raise ValueError(f"input_ids contain negative ids other than the placeholders: {input_ids[unknown][:5]}")
         embeds = self.embed_text(input_ids)
+        if pixel_values is not None and vision_tokens is not None:
+            raise ValueError("give the images as pixel_values or as vision_tokens (their ViT outputs), not both")
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
+        if image_features is None and vision_tokens is not None:
+            image_features = self.abstract_images(vision_tokens.to(self.dtype))
         if video_features is None and video_pixel_values is not None:
             video_features = self.get_video_features(video_pixel_values)
         embeds = self._scatter(embeds, input_ids == IMAGE_PLACEHOLDER_ID, image_features, "image", IMAGE_TAG)
@@ -197,16 +210,18 @@ class OwlForConditionalGeneration(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
+        vision_tokens: torch.Tensor | None = None,
         **lm_kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits over the whole sequence; with `labels`, the mean next-token loss over labels that are ≥ 0.
 
         `labels` follow the transformers convention (same length as `input_ids`, shifted inside); negative labels
         (−100, or placeholder ids) are ignored. A batch whose labels are all ignored gets loss 0, not NaN.
-        Other keyword arguments (`use_cache`, `logits_to_keep`, ...) go to the language model.
+        `vision_tokens`: the images' ViT outputs `(N, 257, C)` in reading order, instead of `pixel_values` (see
+        `embed_inputs`). Other keyword arguments (`use_cache`, `logits_to_keep`, ...) go to the language model.
         """
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, video_pixel_values)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, video_pixel_values, vision_tokens=vision_tokens)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.long)
             if position_ids is None:  # from the mask: a left-padded row keeps positions 0..n-1

@@ -1,7 +1,9 @@
 """Training configs: YAML files of a few flat sections, with `section.key=value` overrides from the command line.
 
 model:  {path: CHECKPOINT or null, preset: tiny, tokenizer: FOLDER, dtype: float32}
-data:   {train: FILE, dev: FILE, image_root: null, max_length: 512, image_check: verify}
+data:   {train: FILE, dev: FILE, image_root: null, max_length: 512, image_check: verify, augment: true,
+         features: null,   # features: a frozen ViT's cached outputs (`openowl data cache-features`)
+         mixture: [{path: SHARDS, weight: 1.0}, ...], shuffle_buffer: 1000, split: train}   # streams: stream.py
 policy: stage2            # stage1 | stage2 | stage2-abstractor | full-llm
 lora:   {r: 8, alpha: 32, dropout: 0.05, targets: [q_proj, v_proj]}   # for the policy's LoRA parts
 optim:  {lr: 2.0e-5, weight_decay: 1.0e-4, betas: [0.9, 0.999], eps: 1.0e-8, warmup_steps: 50,
@@ -27,6 +29,7 @@ import yaml
 
 from openowl.constants import DTYPES
 from openowl.train.data import FORMATS, IMAGE_CHECKS
+from openowl.train.features import check_cacheable
 from openowl.train.policy import POLICIES, LoraSettings
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -41,13 +44,24 @@ class ModelSection:
 
 
 @dataclass
+class MixtureSource:
+    path: str  # tar shards (a glob or folder), Parquet, a `datasets` folder or hub id, or a jsonl file
+    weight: float = 1.0  # its share of the stream while every source lasts
+
+
+@dataclass
 class DataSection:
-    train: str = ""
+    train: str = ""  # a jsonl / JSON file (read into memory), or a stream: tar shards, Parquet, a dataset, a hub id
     dev: str | None = None
     image_root: str | None = None
     format: str = "auto"  # auto | upstream | llava | caption
     max_length: int = 512
     image_check: str = "verify"  # verify (headers, fast) | decode (every image in full, slow) | none
+    augment: bool = True  # random crops and flips of training images; false: the deterministic eval transform
+    features: str | None = None  # a feature cache folder (train/features.py): cached ViT outputs, not pixels
+    mixture: tuple[MixtureSource, ...] = ()  # weighted streams, instead of `train` (`openowl.train.stream`)
+    shuffle_buffer: int = 1000  # records a stream is shuffled within (beside its shard order)
+    split: str = "train"  # the split of a hub dataset
 
 
 @dataclass
@@ -147,6 +161,8 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     """`value` as the annotated type `hint` (str, int, float, bool, `X | None`, `tuple[float, float]`,
     `tuple[str, ...]`), or a ValueError naming the key, the value and the type expected."""
     args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
     if isinstance(hint, types.UnionType) and type(None) in args:
         return None if value is None else _typed(value, next(a for a in args if a is not type(None)), key)
     if typing.get_origin(hint) is tuple:
@@ -154,7 +170,7 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
             value = [value]  # `lora.targets=q_proj`: one name, not its letters
         if not isinstance(value, list | tuple) or (args[-1] is not Ellipsis and len(value) != len(args)):
             size = "a list of" if args[-1] is Ellipsis else f"a list of {len(args)}"
-            raise ValueError(f"{key}: expected {size} {_PLURALS[args[0]]}, got {value!r}")
+            raise ValueError(f"{key}: expected {size} {_PLURALS.get(args[0], 'entries')}, got {value!r}")
         return tuple(_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     ok = {bool: isinstance(value, bool), str: isinstance(value, str),
           int: isinstance(value, int) and not isinstance(value, bool),
@@ -187,7 +203,8 @@ def check_config(cfg: TrainConfig) -> None:
                 "train.epochs": (t.epochs, 1), "train.max_steps": (t.max_steps, 1), "train.log_every": (t.log_every, 1),
                 "train.eval_every": (t.eval_every, 0), "train.save_every": (t.save_every, 0),
                 "train.keep_last": (t.keep_last, 0), "train.num_workers": (t.num_workers, 0),
-                "data.max_length": (d.max_length, 1), "optim.warmup_steps": (o.warmup_steps, 0)}  # fmt: skip
+                "data.max_length": (d.max_length, 1), "optim.warmup_steps": (o.warmup_steps, 0),
+                "data.shuffle_buffer": (d.shuffle_buffer, 0)}  # fmt: skip
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ValueError(f"{key}: expected an integer of at least {low}, got {value!r}")
@@ -197,8 +214,17 @@ def check_config(cfg: TrainConfig) -> None:
     for key, value in {"optim.weight_decay": o.weight_decay, "optim.max_grad_norm": o.max_grad_norm or 0}.items():
         if not value >= 0:
             raise ValueError(f"{key}: expected a number of at least 0, got {value!r}")
+    if d.mixture and d.train:
+        raise ValueError("data.train and data.mixture: set one (a mixture lists every source, with its weight)")
+    if not all(m.weight > 0 for m in d.mixture):
+        raise ValueError(f"data.mixture: weights must be positive, got {[m.weight for m in d.mixture]}")
     if not all(0 <= b < 1 for b in o.betas):
         raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {list(o.betas)}")
+    if d.features:
+        try:
+            check_cacheable(POLICIES[cfg.policy], d.augment)
+        except ValueError as err:
+            raise ValueError(f"data.features: {err}") from None
 
 
 def split_resume(resume: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:

@@ -28,9 +28,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
+from openowl import files
 from openowl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, IMAGE_TAG
 from openowl.processing import OwlProcessor, media_count_mismatch
 from openowl.prompts import DEFAULT_SYSTEM, assistant_message, build_prompt, parse_prompt, render_conversation
+from openowl.train.features import FeatureCache
 from openowl.train.transforms import eval_transform, make_generator, train_transform
 
 logger = logging.getLogger(__name__)
@@ -264,17 +266,25 @@ def read_samples(path: str | Path, image_root: str | Path | None = None, format:
     root = Path(image_root) if image_root is not None else path.parent
     records = _read_records(path)
     if format == "auto":
-        format = _detect_format(records[0][0], records[0][2]) if records else "upstream"
+        format = detect_format(records[0][0], records[0][2]) if records else "upstream"
+    return [record_sample(record, default_id, root, format, where) for where, default_id, record in records]
+
+
+def record_sample(record: dict[str, Any], default_id: str, root: Path, format: str, where: str) -> Sample:
+    """One record (a jsonl row's object) of a known format (not "auto") as a `Sample`, its image paths relative
+    to `root`.
+
+    Raises:
+        ValueError: a missing or mistyped field, or not as many `<image>` tags as images; the message starts with
+            `where`.
+    """
     convert = {"upstream": _upstream_sample, "llava": _llava_sample, "caption": _caption_sample}[format]
-    samples = []
-    for where, default_id, record in records:
-        try:
-            sample = convert(record, default_id, root)
-            _check_image_count(sample)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        samples.append(sample)
-    return samples
+    try:
+        sample = convert(record, default_id, root)
+        _check_image_count(sample)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return sample
 
 
 def _read_records(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
@@ -303,7 +313,7 @@ def _read_records(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
     return records
 
 
-def _detect_format(where: str, record: dict[str, Any]) -> str:
+def detect_format(where: str, record: dict[str, Any]) -> str:
     for key, format in (("conversations", "llava"), ("caption", "caption"), ("text", "upstream")):
         if key in record:
             return format
@@ -392,15 +402,19 @@ class TrainDataset(torch.utils.data.Dataset):
     tokens long.
 
     Items are dicts: `input_ids` (L,) and `labels` (L,) int64 (`IGNORE_INDEX` where no loss is taken),
-    `pixel_values` `(num_images, 3, size, size)` float32, `id`. With `train=True` images go through
+    `pixel_values` `(num_images, 3, size, size)` float32, `id`. With `train=True` (and `augment`) images go through
     `train_transform` with a generator seeded from `(seed, epoch, index)`: the same index in the same epoch always
     gets the same crop, whatever the worker. Call `set_epoch` before each epoch (before `iter(loader)`; with
-    `persistent_workers` the workers would keep the epoch they started with). With `train=False`, `eval_transform`.
+    `persistent_workers` the workers would keep the epoch they started with). With `train=False` or
+    `augment=False`, `eval_transform`. With a feature cache (`features`) an item carries the images' cached ViT
+    outputs as `vision_tokens` `(num_images, 257, C)` float32 instead of pixels (`pixel_values` None), looked up by
+    the sha256 of each image file's bytes.
 
     An image that passes the check but fails to load later (a truncated JPEG passes "verify") never stops a run:
     the item comes back with no supervised token (all labels `IGNORE_INDEX`, black pixels in the image's place, so
     the batch keeps its shape and adds nothing to the loss), and the sample joins `skipped` and `failed` (upstream
-    silently trained on another sample instead).
+    silently trained on another sample instead). An image missing from the feature cache is treated the same way
+    (zero `vision_tokens` in its place).
 
     Args:
         samples: the samples (see `read_samples`).
@@ -411,6 +425,9 @@ class TrainDataset(torch.utils.data.Dataset):
         check_images: how images are checked at construction (`IMAGE_CHECKS`): "verify" (PIL open + verify: reads
             headers and structure, fast, but a truncated JPEG passes), "decode" (a full decode of every image,
             slow, catches truncation) or "none".
+        augment: with `train`, random crops and flips (True) or the eval transform (False: deterministic images,
+            as a feature cache needs).
+        features: a frozen ViT's cached outputs (`openowl.train.features`), used instead of the images' pixels.
     """
 
     def __init__(
@@ -421,12 +438,16 @@ class TrainDataset(torch.utils.data.Dataset):
         train: bool = True,
         seed: int = 0,
         check_images: str = "verify",
+        augment: bool = True,
+        features: FeatureCache | None = None,
     ):
         if check_images not in IMAGE_CHECKS:
             raise ValueError(f"check_images must be 'verify', 'decode' or 'none', not {check_images!r}")
         self.processor = processor
         self.max_length = max_length
         self.train = train
+        self.augment = augment
+        self.features = features
         self.seed = seed
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
@@ -530,22 +551,32 @@ class TrainDataset(torch.utils.data.Dataset):
         start, end = self._offsets[index], self._offsets[index + 1]
         input_ids = self._ids[start:end].long()
         labels = input_ids.masked_fill(~self._supervised[start:end], IGNORE_INDEX)
-        pixels = self._pixels(index, sample.images[: self._num_images[index]])
-        if pixels is None:  # an image failed to load: the sample keeps its place and adds nothing
+        paths = sample.images[: self._num_images[index]]
+        key = "pixel_values" if self.features is None else "vision_tokens"
+        visual = self._pixels(index, paths) if self.features is None else self._vision_tokens(index, paths)
+        if visual is None:  # an image failed to load: the sample keeps its place and adds nothing
             labels = torch.full_like(input_ids, IGNORE_INDEX)
-            size = self.processor.image_size
-            pixels = torch.zeros((self._num_images[index], 3, size, size), dtype=torch.float32)
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "id": sample.id}
+            visual = torch.zeros((self._num_images[index], *self._visual_shape()), dtype=torch.float32)
+        item = {"input_ids": input_ids, "labels": labels, "pixel_values": None, "id": sample.id}
+        if sample.id in self.failed:  # said beside the item too: a DataLoader worker's `failed` stays in the worker
+            item["failed"] = self.failed[sample.id]
+        return {**item, key: visual}
+
+    def _visual_shape(self) -> tuple[int, ...]:
+        """The shape of one image's entry: `(3, size, size)` pixels, or `(257, C)` cached ViT outputs."""
+        if self.features is not None:
+            return self.features.shape
+        return (3, self.processor.image_size, self.processor.image_size)
 
     def _pixels(self, index: int, paths: Sequence[Path]) -> torch.Tensor | None:
         """The sample's images, transformed; None when one fails to load (the sample is then recorded as failed)."""
         p = self.processor
         if not paths:
-            return torch.zeros((0, 3, p.image_size, p.image_size), dtype=torch.float32)
+            return torch.zeros((0, *self._visual_shape()), dtype=torch.float32)
         sample_id = self.samples[index].id
         if sample_id in self.failed:
             return None
-        generator = make_generator(self.seed, self.epoch, index) if self.train else None
+        generator = make_generator(self.seed, self.epoch, index) if self.train and self.augment else None
         out = []
         for path in paths:
             try:
@@ -554,10 +585,34 @@ class TrainDataset(torch.utils.data.Dataset):
                 else:
                     out.append(eval_transform(path, p.image_size, p.image_mean, p.image_std))
             except (OSError, ValueError, Image.DecompressionBombError) as err:
-                self.add_failed({sample_id: f"image {path} failed to load ({err})"})
-                logger.warning("sample %r skipped: image %s failed to load (%s)", sample_id, path, err)
+                self._fail(sample_id, f"image {path} failed to load ({err})")
                 return None
         return torch.stack(out)
+
+    def _vision_tokens(self, index: int, paths: Sequence[Path]) -> torch.Tensor | None:
+        """The sample's images' cached ViT outputs, by the sha256 of each file's bytes; None when one can't be read
+        or is not in the cache (the sample is then recorded as failed)."""
+        if not paths:
+            return torch.zeros((0, *self._visual_shape()), dtype=torch.float32)
+        sample_id = self.samples[index].id
+        if sample_id in self.failed:
+            return None
+        out = []
+        for path in paths:
+            try:
+                out.append(self.features.get(files.sha256(path), name=str(path)))
+            except OSError as err:
+                self._fail(sample_id, f"image {path} failed to load ({err})")
+                return None
+            except KeyError as err:
+                self._fail(sample_id, err.args[0])
+                return None
+        return torch.stack(out)
+
+    def _fail(self, sample_id: str, why: str) -> None:
+        """Record a sample whose image failed after the check, and say so once."""
+        self.add_failed({sample_id: why})
+        logger.warning("sample %r skipped: %s", sample_id, why)
 
 
 def _check_image(path: Path, cache: dict[Path, str | None], decode: bool = False) -> str | None:
@@ -601,7 +656,7 @@ def _some_ids(ids: Sequence[str], limit: int = 5) -> str:
 
 # --- batching ------------------------------------------------------------------------------------
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "vision_tokens", "labels")
 
 
 def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
@@ -610,8 +665,9 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any
     Returns:
         `input_ids` (B, L) padded with `pad_token_id`; `labels` (B, L) padded with `IGNORE_INDEX`;
         `attention_mask` (B, L), 0 on padding; `pixel_values` (all images of the batch in order, N, 3, H, W) or
-        None when the batch has no image; `num_images` (a list, per sample); `ids` (a list). Pass
-        `model_inputs(batch)` (the first four) to the model's forward.
+        None when the batch has no image; `vision_tokens` likewise for items with cached ViT outputs (N, 257, C);
+        `num_images` (a list, per sample); `ids` (a list). Pass `model_inputs(batch)` (all but the last two) to
+        the model's forward.
     """
     width = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -622,16 +678,24 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any
         input_ids[row, :n] = item["input_ids"]
         labels[row, :n] = item["labels"]
         attention_mask[row, :n] = 1
-    pixels = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
-    pixels = [p for p in pixels if p.shape[0]]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "pixel_values": torch.cat(pixels) if pixels else None,
-        "num_images": [0 if item["pixel_values"] is None else item["pixel_values"].shape[0] for item in batch],
+        "pixel_values": _concat(batch, "pixel_values"),
+        "vision_tokens": _concat(batch, "vision_tokens"),
+        "num_images": [sum(len(t) for t in map(item.get, _VISUAL_KEYS) if t is not None) for item in batch],
         "ids": [item["id"] for item in batch],
     }
+
+
+_VISUAL_KEYS = ("pixel_values", "vision_tokens")  # an item's images: pixels, or cached ViT outputs
+
+
+def _concat(batch: Sequence[dict[str, Any]], key: str) -> torch.Tensor | None:
+    """The items' image tensors under `key` one after the other, or None when there is none."""
+    present = [item[key] for item in batch if item.get(key) is not None and len(item[key])]
+    return torch.cat(present) if present else None
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from openowl import files
 from openowl.model.lora import is_lora_parameter, merge_lora
 from openowl.model.owl import OwlForConditionalGeneration, causal_lm_loss
 from openowl.processing import OwlProcessor
-from openowl.train.config import SCHEDULES, OptimSection, TrainConfig, check_config
+from openowl.train.config import SCHEDULES, DataSection, ModelSection, OptimSection, TrainConfig, check_config
 from openowl.train.data import LengthGroupedSampler, TrainDataset, collate, read_samples
 from openowl.train.distributed import (
     configure_deepspeed,
@@ -50,9 +50,11 @@ from openowl.train.distributed import (
     plain_init,
 )
 from openowl.train.export import save_adapter
+from openowl.train.features import FeatureCache, build_feature_cache, cache_digest, check_cacheable, describe
 from openowl.train.plot import plot_losses
 from openowl.train.policy import PART_ROOTS, POLICIES, apply_policy, backward_parts, store_frozen_linears
 from openowl.train.rng import load_rng_state, save_rng_state, seed_everything, state_name
+from openowl.train.stream import BatchLayout, StreamDataset, StreamSpec, is_stream, iter_image_bytes, open_source
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -123,17 +125,22 @@ class TrainRecipe:
             raise ValueError(f"policy {cfg.policy!r} leaves nothing to train")
 
     def _setup_data(self) -> None:
-        """The training (and dev) datasets and the sampler of global batches; the number of steps."""
+        """The training (and dev) data: a file read into memory with its sampler of global batches, or a stream
+        (`train/stream.py`); the number of steps."""
         d, t = self.cfg.data, self.cfg.train
+        if not d.train and not d.mixture:
+            raise ValueError("no training data: set data.train (a jsonl file, tar shards, Parquet, a dataset) or "
+                             "data.mixture")  # fmt: skip
+        if is_stream(d.train, d.mixture):
+            self._setup_stream()
+            return
         samples = read_samples(d.train, image_root=d.image_root, format=d.format)
         self.dataset = TrainDataset(samples, self.processor, d.max_length, train=True, seed=t.seed,
-                                    check_images=d.image_check)  # fmt: skip
+                                    check_images=d.image_check, augment=d.augment,
+                                    features=self._feature_cache())  # fmt: skip
         if len(self.dataset) == 0:
             raise ValueError(f"{d.train}: no usable training sample ({self.dataset.report()})")
-        self.dev = None
-        if d.dev:
-            dev_samples = read_samples(d.dev, image_root=d.image_root, format=d.format)
-            self.dev = TrainDataset(dev_samples, self.processor, d.max_length, train=False, check_images=d.image_check)
+        self._setup_dev()
         world = self.accelerator.num_processes
         self.global_batch = t.micro_batch_size * t.grad_accum * world
         short = len(self.dataset) % self.global_batch
@@ -147,6 +154,28 @@ class TrainRecipe:
         self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
         self.settings["data.samples"] = _samples_digest(self.dataset)
 
+    def _setup_dev(self) -> None:
+        d = self.cfg.data
+        self.dev = None
+        if d.dev:
+            dev_samples = read_samples(d.dev, image_root=d.image_root, format=d.format)
+            self.dev = TrainDataset(dev_samples, self.processor, d.max_length, train=False, check_images=d.image_check)
+
+    def _setup_stream(self) -> None:
+        """A streamed `data.train` (or `data.mixture`): nothing is read before the first step, so the run's length
+        comes from `train.max_steps`."""
+        d, t, acc = self.cfg.data, self.cfg.train, self.accelerator
+        if not t.max_steps:
+            raise ValueError(f"{d.train or 'data.mixture'}: a stream needs train.max_steps (its length is not known "
+                             "before it is read, and nothing is read up front)")  # fmt: skip
+        spec = stream_spec(d, t.seed)
+        layout = BatchLayout(t.micro_batch_size, t.grad_accum, acc.process_index, acc.num_processes)
+        self.dataset = StreamDataset(spec, self.processor, d.max_length, layout, d.augment, self._feature_cache())
+        self._setup_dev()
+        self.global_batch = layout.global_batch
+        self.steps_per_epoch, self.total_steps = None, t.max_steps
+        self.settings["data.samples"] = spec.digest()
+
     def _setup_optimizer(self) -> None:
         """The optimizer and its schedule, and the model and optimizer prepared by the accelerator."""
         o = self.cfg.optim
@@ -158,21 +187,16 @@ class TrainRecipe:
         self.trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
 
     def _load_model(self) -> tuple[OwlForConditionalGeneration, OwlProcessor]:
-        m = self.cfg.model
-        if m.path:
-            model = OwlForConditionalGeneration.from_pretrained(m.path, dtype=m.dtype)
-            processor = OwlProcessor.from_pretrained(m.tokenizer or m.path)
-        elif m.preset:
-            from openowl.config import get_preset
+        return load_model(self.cfg.model)
 
-            if not m.tokenizer:
-                raise ValueError("model.preset needs model.tokenizer (a folder with the tokenizer files)")
-            model = OwlForConditionalGeneration(get_preset(m.preset)).to(getattr(torch, m.dtype))
-            processor = OwlProcessor.from_pretrained(m.tokenizer)
-            processor.image_size = model.config.vision.image_size
-        else:
-            raise ValueError("set model.path (a checkpoint) or model.preset (a fresh model)")
-        return model.train(), processor
+    def _feature_cache(self) -> FeatureCache | None:
+        """The frozen ViT's cached outputs that `data.features` names, checked against this model and processor;
+        None without one (images are then encoded on the fly)."""
+        d = self.cfg.data
+        if not d.features:
+            return None
+        check_cacheable(self.policy, d.augment)
+        return FeatureCache(d.features, self.model, self.processor)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -224,24 +248,60 @@ class TrainRecipe:
             self.dataset.add_failed(failed)
         return self.dataset.summary()
 
+    def _stream_batches(self):
+        """Endless micro-batches of a stream for this process, continuing from (epoch, batch_in_epoch), decoded in
+        `train.num_workers` DataLoader workers (the batches and their order don't depend on how many)."""
+        while True:
+            self.dataset.set_position(self.epoch, self.batch_in_epoch)
+            loader = self._loader(batch_size=None)
+            for micro in loader:
+                self.batch_in_epoch = micro.pop("global_batch") + 1
+                self.dataset.note(micro)
+                yield micro
+            if self.batch_in_epoch == 0:
+                raise ValueError(f"{self.dataset.spec.sources[0].name}: the stream holds fewer samples than one global "
+                                 f"batch of {self.global_batch}")  # fmt: skip
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
     def _batches(self):
         """Endless micro-batches for this process, continuing from (epoch, batch_in_epoch): each global batch of
         the sampler (one optimizer step; `batch_in_epoch` counts them) cut into `grad_accum` micro-batches, each
-        cut into one slice per process."""
+        cut into one slice per process; loaded (images decoded) in `train.num_workers` DataLoader workers."""
+        if isinstance(self.dataset, StreamDataset):
+            yield from self._stream_batches()
+            return
         acc, per, accum = self.accelerator, self.cfg.train.micro_batch_size, self.cfg.train.grad_accum
-        pad = self.processor.tokenizer.pad_token_id
         while True:
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)
-            for index, global_batch in enumerate(self.sampler):
-                if index < self.batch_in_epoch:
-                    continue
+            parts = [
+                (index, part.tolist()[acc.process_index * per : (acc.process_index + 1) * per])
+                for index, global_batch in enumerate(self.sampler.batches(self.epoch))
+                if index >= self.batch_in_epoch
+                for part in torch.tensor(global_batch).tensor_split(accum)
+            ]  # a short last batch: near-equal parts
+            loader = self._loader(batch_sampler=[mine for _, mine in parts], collate_fn=self._collate)
+            for (index, _), batch in zip(parts, loader, strict=True):
                 self.batch_in_epoch = index + 1
-                for part in torch.tensor(global_batch).tensor_split(accum):  # a short last batch: near-equal parts
-                    mine = part.tolist()[acc.process_index * per : (acc.process_index + 1) * per]
-                    yield collate([self.dataset[i] for i in mine], pad)
+                self.dataset.add_failed(batch.pop("failed"))  # images that failed to load in a worker
+                yield batch
             self.epoch += 1
             self.batch_in_epoch = 0
+
+    def _loader(self, **kwargs) -> torch.utils.data.DataLoader:
+        """A DataLoader over the training data with `train.num_workers` workers and a generator of its own: a
+        loader draws its workers' base seed from it, which would otherwise be a draw from the global RNG, and a
+        resumed run (its loader made at another step) would then get other dropout masks."""
+        generator = torch.Generator().manual_seed(self.epoch)
+        return torch.utils.data.DataLoader(self.dataset, num_workers=self.cfg.train.num_workers, generator=generator,
+                                           **kwargs)  # fmt: skip
+
+    def _collate(self, items: list[dict]) -> dict:
+        """`collate`, and the samples whose images failed to load (`failed`: id -> why) noted beside it."""
+        batch = collate(items, self.processor.tokenizer.pad_token_id)
+        batch["failed"] = {item["id"]: item["failed"] for item in items if "failed" in item}
+        return batch
 
     def _optimizer_step(self, micro: list[dict]) -> tuple[float, int]:
         acc = self.accelerator
@@ -265,18 +325,22 @@ class TrainRecipe:
         return float(loss), tokens
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
-        """Summed next-token loss of a micro-batch. A batch without images still runs the trainable visual parts
-        on a dummy image (times 0), so every process touches the same parameters and DDP never waits forever."""
+        """Summed next-token loss of a micro-batch, its images given as pixels or as cached ViT outputs
+        (`vision_tokens`). A batch without images still runs the trainable visual parts on a dummy image (times 0),
+        so every process touches the same parameters and DDP never waits forever."""
         model = self.accelerator.unwrap_model(self.model)
-        pixels = batch.get("pixel_values")
+        device = self.accelerator.device
+        pixels, tokens = batch.get("pixel_values"), batch.get("vision_tokens")
         out = self.model(
-            input_ids=batch["input_ids"].to(self.accelerator.device),
-            attention_mask=batch["attention_mask"].to(self.accelerator.device),
-            pixel_values=None if pixels is None else pixels.to(self.accelerator.device),
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            pixel_values=None if pixels is None else pixels.to(device),
+            vision_tokens=None if tokens is None else tokens.to(device),
             use_cache=False,  # no KV cache to fill: nothing generates from this forward
         )
         summed = causal_lm_loss(out.logits, batch["labels"].to(out.logits.device), reduction="sum")
-        if pixels is None and (self.policy.vision != "frozen" or self.policy.abstractor != "frozen"):
+        no_images = pixels is None and tokens is None
+        if no_images and (self.policy.vision != "frozen" or self.policy.abstractor != "frozen"):
             size = model.config.vision.image_size
             dummy = torch.zeros(1, 3, size, size, device=self.accelerator.device)
             summed = summed + 0.0 * model.get_image_features(dummy).sum()
@@ -346,6 +410,9 @@ class TrainRecipe:
         else:
             optimizer = full_optimizer_state(model, self.optimizer.optimizer, acc.is_main_process)
         save_rng_state(tmp, self._rng_name())  # each process draws its own dropout masks
+        streamed = isinstance(self.dataset, StreamDataset)
+        if streamed:  # every process's skipped samples, gathered into the main process's report
+            self._data_summary()
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
@@ -354,7 +421,7 @@ class TrainRecipe:
             torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "settings": self.settings}  # fmt: skip
+                 "settings": self.settings, **({"stream": self.dataset.state()} if streamed else {})}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
         for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # files, then their folders
             files.fsync(path)
@@ -396,6 +463,8 @@ class TrainRecipe:
         load_rng_state(path, self._rng_name())
         state = json.loads((path / "state.json").read_text())
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if self.accelerator.is_main_process and "stream" in state:  # the skips so far, of every process
+            self.dataset.load_state(state["stream"])
         if self.accelerator.is_main_process:
             _drop_logged_after(self.out / "metrics.jsonl", self.step)
             print(f"resuming from {path} at step {self.step} of {self.total_steps}", file=sys.stderr, flush=True)
@@ -442,6 +511,72 @@ def run_training(cfg: TrainConfig, resume: str | Path | None = None) -> dict | N
     return None if folder is None else {**metrics, "model": str(folder)}
 
 
+def run_feature_cache(cfg: TrainConfig) -> dict:
+    """The `openowl data cache-features` job: run the config's frozen ViT once over every training image and store
+    its outputs in `data.features` (`train/features.py`), for training with `data.features` set.
+
+    Refused (before the model loads) where a cache would be wrong (`check_cacheable`). Under `accelerate launch`
+    each process computes its share of the shards (rank = accelerate's process index), on its device.
+
+    Returns:
+        `build_feature_cache`'s counts, with the missing image files among the skipped, and `line`, a summary.
+    """
+    d = cfg.data
+    if not d.features:
+        raise ValueError("data.features is not set: give the folder to write the feature cache into")
+    check_cacheable(POLICIES[cfg.policy], d.augment)
+    state = make_accelerator(grad_accum=1)  # as training's: on a CPU, accelerate's own state sees one process
+    model, processor = load_model(cfg.model)
+    model.vision_model.to(state.device)
+    missing: list[str] = []
+    summary = build_feature_cache(model, processor, _cache_images(d, missing), d.features,
+                                  rank=state.process_index, world=state.num_processes)  # fmt: skip
+    summary["skipped"] += len(missing)
+    summary["skipped_names"] = (missing + summary["skipped_names"])[:5]
+    rank = f" (process {state.process_index} of {state.num_processes})" if state.num_processes > 1 else ""
+    return {**summary, "line": describe(summary, d.features) + rank}
+
+
+def stream_spec(d: DataSection, seed: int) -> StreamSpec:
+    """The stream a streamed `data` section names: `data.train`, or each source of `data.mixture` with its weight."""
+    entries = [(m.path, m.weight) for m in d.mixture] or [(d.train, 1.0)]
+    sources = [open_source(path, d.image_root, d.split) for path, _ in entries]
+    return StreamSpec(sources, [w for _, w in entries], seed=seed, shuffle_buffer=d.shuffle_buffer, format=d.format)
+
+
+def _cache_images(d: DataSection, missing: list[str]):
+    """`(path, bytes)` of every image the training data names, in sample order (a stream's: its first epoch's
+    order); missing files are appended to `missing`."""
+    if is_stream(d.train, d.mixture):
+        yield from iter_image_bytes(stream_spec(d, seed=0), missing)
+        return
+    for sample in read_samples(d.train, image_root=d.image_root, format=d.format):
+        for path in sample.images:
+            try:
+                yield str(path), path.read_bytes()
+            except OSError as err:
+                missing.append(f"{path} ({err.strerror or err})")
+
+
+def load_model(m: ModelSection) -> tuple[OwlForConditionalGeneration, OwlProcessor]:
+    """The model (in train mode) and processor a config's `model` section names: a checkpoint (`path`, with its
+    own processor or `tokenizer`'s), or a fresh model of a named shape (`preset`, with `tokenizer`)."""
+    if m.path:
+        model = OwlForConditionalGeneration.from_pretrained(m.path, dtype=m.dtype)
+        processor = OwlProcessor.from_pretrained(m.tokenizer or m.path)
+    elif m.preset:
+        from openowl.config import get_preset
+
+        if not m.tokenizer:
+            raise ValueError("model.preset needs model.tokenizer (a folder with the tokenizer files)")
+        model = OwlForConditionalGeneration(get_preset(m.preset)).to(getattr(torch, m.dtype))
+        processor = OwlProcessor.from_pretrained(m.tokenizer)
+        processor.image_size = model.config.vision.image_size
+    else:
+        raise ValueError("set model.path (a checkpoint) or model.preset (a fresh model)")
+    return model.train(), processor
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """Compile, in place, each layer of every stack of layers (the ViT's, the abstractor's, the LLM's decoder
     layers) with `torch.compile`; returns how many.
@@ -469,8 +604,8 @@ def make_optimizer(trainable: list[torch.nn.Parameter], o: OptimSection) -> torc
 
 def run_settings(cfg: TrainConfig, num_processes: int) -> dict:
     """The settings a checkpoint's state means something under, flat (`train.micro_batch_size`): every config
-    value but `FREE_SETTINGS`, the training file by its content (sha256: the file may move) and the number of
-    processes. The recipe adds `data.samples`, a digest of the samples the data gave."""
+    value but `FREE_SETTINGS`, the training file and the feature cache by their content (sha256: they may move)
+    and the number of processes. The recipe adds `data.samples`, a digest of the samples the data gave."""
     flat: dict = {}
 
     def walk(node: dict, prefix: str) -> None:
@@ -485,6 +620,8 @@ def run_settings(cfg: TrainConfig, num_processes: int) -> dict:
         flat.pop(key)
     train = Path(cfg.data.train)
     flat["data.train"] = f"sha256:{files.sha256(train)}" if train.is_file() else str(train)
+    if cfg.data.features:  # the cached ViT outputs trained on, by their manifest (ViT, transform, shards)
+        flat["data.features"] = cache_digest(cfg.data.features)
     flat["processes"] = num_processes
     return json.loads(json.dumps(flat))  # tuples as lists, as they are read back
 
