@@ -31,6 +31,7 @@ from openowl.train.policy import (
     apply_policy,
     backward_parts,
     get_policy,
+    is_checkpointing,
     part_of,
     store_frozen_linears,
     trainable_parameters,
@@ -203,7 +204,7 @@ def test_stage1_gradients_reach_vision_and_abstractor_but_not_the_llm(checkpoint
     model = apply_policy(tiny_model(), POLICIES["stage1"], gradient_checkpointing=checkpointing).train()
     assert model.vision_model.encoder.gradient_checkpointing is checkpointing
     assert model.abstractor.encoder.gradient_checkpointing is checkpointing
-    assert model.language_model.is_activation_checkpointing is checkpointing
+    assert is_checkpointing(model.language_model) is checkpointing
     model(**batch()).loss.backward()
     grads = {name: param.grad for name, param in model.named_parameters()}
     assert all(grads[name] is None for name in LLM)
@@ -227,9 +228,9 @@ def test_checkpointing_follows_the_parts_backprop_runs_through() -> None:
     model = apply_policy(tiny_model(), POLICIES["stage2"], gradient_checkpointing=True)
     assert not model.vision_model.encoder.gradient_checkpointing
     assert not model.abstractor.encoder.gradient_checkpointing
-    assert model.language_model.is_activation_checkpointing
+    assert is_checkpointing(model.language_model)
     apply_policy(model, POLICIES["full-llm"])  # checkpointing off: switched off everywhere
-    assert not model.language_model.is_activation_checkpointing
+    assert not is_checkpointing(model.language_model)
 
 
 def test_frozen_parts_build_no_autograd_graph() -> None:

@@ -140,6 +140,13 @@ def test_compiled_layers_train_like_eager_ones(tmp_path, checkpointing):
     text-only; with and without gradient checkpointing."""
     from torch._dynamo.utils import counters
 
+    from openowl.train.recipe import _checkpointing_compiles
+
+    if checkpointing and not _checkpointing_compiles():  # transformers < 5.20: refused, nothing would compile
+        args = _config(tmp_path, **{"train.compile": True, "train.gradient_checkpointing": True})
+        with pytest.raises(ValueError, match="needs transformers 5.20"):
+            TrainRecipe(load_config(None, args)).setup()
+        return
     runs = {}
     for compiled in (False, True):
         settings = {"policy": "stage2-abstractor", "lora.dropout": 0.0, "train.max_steps": 3, "train.save_every": 0,

@@ -40,8 +40,10 @@ class FusedLlamaAttention(LlamaAttention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache=None,
+        past_key_values=None,  # the cache's name before transformers 5.20
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)

@@ -64,7 +64,10 @@ class OwlForConditionalGeneration(nn.Module):
             config.abstractor, self.language_model.config.hidden_size, video=config.video
         )
         # BLOOM has ALiBi and no position ids; LLaMA-family models take them.
-        self._lm_uses_positions = "position_ids" in inspect.signature(self.language_model.forward).parameters
+        lm_arguments = inspect.signature(self.language_model.forward).parameters
+        self._lm_uses_positions = "position_ids" in lm_arguments
+        # transformers 5.20 renamed the KV cache argument `past_key_values` to `cache`; earlier ones take the old name.
+        self._lm_cache_argument = "cache" if "cache" in lm_arguments else "past_key_values"
 
     # --- loading and saving (implemented in openowl.loading: the model's one edge into the loader) -------
 
@@ -230,7 +233,8 @@ class OwlForConditionalGeneration(nn.Module):
             lm_kwargs["position_ids"] = position_ids
         if labels is not None:  # a loss forward: no KV cache to fill unless asked for
             lm_kwargs.setdefault("use_cache", False)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **lm_kwargs)
+        lm_kwargs[self._lm_cache_argument] = cache
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
         if labels is not None:
             out.loss = causal_lm_loss(out.logits, labels.to(out.logits.device))
         return out

@@ -205,13 +205,27 @@ def set_gradient_checkpointing(model: nn.Module, parts: set[str]) -> None:
     model.abstractor.encoder.gradient_checkpointing = "abstractor" in parts
     # transformers models (the LM; a DINOv2 encoder) switch it through their own API.
     for part, module in (("vision", model.vision_model), ("language_model", model.language_model)):
-        if not hasattr(module, "activation_checkpointing_enable"):
+        if not hasattr(module, "gradient_checkpointing_enable"):
             module.encoder.gradient_checkpointing = part in parts  # the upstream ViT
         elif part in parts:
             # Non-reentrant checkpointing needs no `enable_input_require_grads` trick for frozen embeddings.
-            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif module.is_activation_checkpointing:
-            module.activation_checkpointing_disable()
+            name = _checkpointing_name(module)
+            getattr(module, f"{name}_enable")(**{f"{name}_kwargs": {"use_reentrant": False}})
+        elif is_checkpointing(module):
+            getattr(module, f"{_checkpointing_name(module)}_disable")()
+
+
+def is_checkpointing(module: nn.Module) -> bool:
+    """Whether a transformers model recomputes its activations in training."""
+    return bool(getattr(module, f"is_{_checkpointing_name(module)}"))
+
+
+def _checkpointing_name(module: nn.Module) -> str:
+    """What a transformers model calls activation recomputation: `activation_checkpointing` (`..._enable`,
+    `is_...`) from transformers 5.20 on, `gradient_checkpointing` before (deprecated since)."""
+    return (
+        "activation_checkpointing" if hasattr(module, "activation_checkpointing_enable") else "gradient_checkpointing"
+    )
 
 
 # --- LoRA ----------------------------------------------------------------------------------------

@@ -84,6 +84,10 @@ class TrainRecipe:
         sharded = is_sharded(self.accelerator)
         if cfg.train.compile and sharded:
             raise ValueError("train.compile works in one process or under DDP, not with DeepSpeed or FSDP")
+        if cfg.train.compile and cfg.train.gradient_checkpointing and not _checkpointing_compiles():
+            raise ValueError("train.compile with train.gradient_checkpointing needs transformers 5.20 or later: "
+                             "earlier ones recompute each layer through its uncompiled forward, so nothing would be "
+                             "compiled; drop one of the two, or upgrade transformers")  # fmt: skip
         t = cfg.train
         configure_deepspeed(self.accelerator, t.micro_batch_size, t.grad_accum, cfg.optim.max_grad_norm)
         seed_everything(t.seed)
@@ -575,6 +579,14 @@ def load_model(m: ModelSection) -> tuple[OwlForConditionalGeneration, OwlProcess
     else:
         raise ValueError("set model.path (a checkpoint) or model.preset (a fresh model)")
     return model.train(), processor
+
+
+def _checkpointing_compiles() -> bool:
+    """Whether this transformers' checkpointed layers run their compiled forward (5.20 on, the versions that name it
+    `activation_checkpointing`; under 5.19 dynamo captured no graph of a checkpointed layer)."""
+    from transformers import PreTrainedModel
+
+    return hasattr(PreTrainedModel, "activation_checkpointing_enable")
 
 
 def compile_layers(model: torch.nn.Module) -> int:
