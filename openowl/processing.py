@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -34,14 +35,14 @@ from openowl.prompts import IMAGE, PROMPT_FORMATS, TEXT, VIDEO, Prompt, build_pr
 _LLAMA_TOKENIZER_CLASSES = {"MplugOwlTokenizer", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaSentencePieceTokenizer"}
 _TAG_SPLIT = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 
-ImageInput = Image.Image | str | Path
+ImageInput = Image.Image | str | Path | bytes  # bytes: an image file's contents (a tar member, a Parquet cell)
 
 
 # --- images --------------------------------------------------------------------------------------
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """A PIL image from a path (or a PIL image), fully decoded, upright, in RGB.
+    """A PIL image from a path, an image file's bytes (or a PIL image), fully decoded, upright, in RGB.
 
     EXIF orientation is applied; transparency is composited over white (upstream drops the alpha channel,
     which shows whatever colour hides under transparent pixels). Opaque RGB images are unchanged.
@@ -52,15 +53,15 @@ def load_image(image: ImageInput) -> Image.Image:
     """
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
+    name = "image bytes" if isinstance(image, bytes) else Path(image)
+    if not isinstance(image, bytes) and not name.is_file():
+        raise FileNotFoundError(f"{name}: no such image file")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else name) as img:
             img.load()
             return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
+        raise ValueError(f"{name}: not a readable image ({err})") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -331,7 +331,9 @@ def _sample_id(record: dict[str, Any], default: str) -> str:
     return str(value)
 
 
-def _image_paths(record: dict[str, Any], root: Path, required: bool = False) -> list[Path]:
+def image_paths(record: dict[str, Any], root: Path, required: bool = False) -> list[Path]:
+    """A record's `image` field (a path or a list of them) as paths under `root`. Raises ValueError when it is
+    missing (`required`) or not paths."""
     value = record.get("image")
     if value is None:
         if required:
@@ -352,21 +354,21 @@ def _string_field(record: dict[str, Any], key: str) -> str:
 
 def _upstream_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
     text = _string_field(record, "text")
-    return Sample(_sample_id(record, default_id), parse_prompt(text), _image_paths(record, root))
+    return Sample(_sample_id(record, default_id), parse_prompt(text), image_paths(record, root))
 
 
 def _llava_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("'conversations' must be a non-empty list")
-    return Sample(_sample_id(record, default_id), llava_messages(conversations), _image_paths(record, root))
+    return Sample(_sample_id(record, default_id), llava_messages(conversations), image_paths(record, root))
 
 
 def _caption_sample(record: dict[str, Any], default_id: str, root: Path) -> Sample:
     caption = _string_field(record, "caption")
     if not caption.strip():
         raise ValueError("empty 'caption'")
-    images = _image_paths(record, root, required=True)
+    images = image_paths(record, root, required=True)
     if len(images) != 1:
         raise ValueError(f"a caption record needs one image, got {len(images)}")
     return Sample(_sample_id(record, default_id), caption_messages(caption), images)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -225,9 +224,7 @@ def _write_shard(
 
 def _eval_pixels(data: bytes, processor: OwlProcessor) -> torch.Tensor:
     """An image file's bytes through the eval transform: `(3, size, size)` float32."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return eval_transform(image, processor.image_size, processor.image_mean, processor.image_std)
+    return eval_transform(data, processor.image_size, processor.image_mean, processor.image_std)
 
 
 def float32_vision(model: torch.nn.Module) -> torch.nn.Module:

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from openowl.constants import IGNORE_INDEX
-from openowl.processing import OwlProcessor, to_rgb
-from openowl.train.data import Sample, collate, detect_format, record_sample, tokenize_sample
+from openowl.processing import OwlProcessor
+from openowl.train.data import Sample, collate, detect_format, image_paths, record_sample, tokenize_sample
 from openowl.train.features import image_key
 from openowl.train.transforms import eval_transform, make_generator, train_transform
 
@@ -117,13 +117,19 @@ def _tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes], str | None]]
         yield key, members, None
 
 
+def _json_object(text: str | bytes) -> dict[str, Any]:
+    """A JSON object's text as a dict. Raises ValueError: not valid JSON, or JSON but not an object."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _tar_record(where: str, key: str, members: dict[str, bytes]) -> Record:
     names = sorted((e for e in members if e.rpartition(".")[2] in IMAGE_EXTENSIONS), key=_image_order)
     try:
         if "json" in members:
-            fields = json.loads(members["json"])
-            if not isinstance(fields, dict):
-                raise ValueError(f"expected a JSON object, got {type(fields).__name__}")
+            fields = _json_object(members["json"])
         elif "txt" in members:
             fields = {"caption": members["txt"].decode("utf-8")}
         else:
@@ -161,14 +167,10 @@ class JsonlFile:
 
 def _row_record(where: str, key: str, line: str, root: Path) -> Record:
     try:
-        fields = json.loads(line)
-        if not isinstance(fields, dict):
-            raise ValueError(f"expected a JSON object, got {type(fields).__name__}")
+        fields = _json_object(line)
+        return Record(where, key, fields, image_paths(fields, root))
     except ValueError as err:
-        return Record(where, key, None, problem=f"{where}: not a JSON object ({err})")
-    images = fields.get("image")
-    paths = [images] if isinstance(images, str) else images if isinstance(images, list) else []
-    return Record(where, key, fields, [root / p for p in paths if isinstance(p, str)])
+        return Record(where, key, None, problem=f"{where}: {err}")
 
 
 class HFDataset:
@@ -469,11 +471,14 @@ class StreamDataset(torch.utils.data.IterableDataset):
         generator = make_generator(self.spec.seed, self.epoch, position) if self.augment else None
         out = []
         for image in images:
-            pil = open_image(image)
-            if generator is not None:
-                out.append(train_transform(pil, p.image_size, generator, p.image_mean, p.image_std))
-            else:
-                out.append(eval_transform(pil, p.image_size, p.image_mean, p.image_std))
+            try:
+                if generator is not None:
+                    out.append(train_transform(image, p.image_size, generator, p.image_mean, p.image_std))
+                else:
+                    out.append(eval_transform(image, p.image_size, p.image_mean, p.image_std))
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                what = "an image" if isinstance(image, bytes) else f"image {image}"
+                raise UnusableError(f"{what} failed to decode ({err})") from None
         if not out:
             return {"pixel_values": torch.zeros((0, 3, p.image_size, p.image_size), dtype=torch.float32)}
         return {"pixel_values": torch.stack(out)}
@@ -498,17 +503,6 @@ class StreamDataset(torch.utils.data.IterableDataset):
         return {"input_ids": torch.tensor([self.processor.tokenizer.pad_token_id]),
                 "labels": torch.tensor([IGNORE_INDEX]), "pixel_values": torch.zeros((0, 3, size, size)),
                 "id": sample_id, "skipped": why}  # fmt: skip
-
-
-def open_image(image: bytes | Path) -> Image.Image:
-    """A record's image, decoded, upright RGB. Raises UnusableError, naming the problem, when it can't be read."""
-    try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
-            img.load()
-            return to_rgb(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        what = "an image" if isinstance(image, bytes) else f"image {image}"
-        raise UnusableError(f"{what} failed to decode ({err})") from None
 
 
 def iter_image_bytes(spec: StreamSpec, missing: list[str]) -> Iterator[tuple[str, bytes]]:
@@ -546,14 +540,11 @@ def jsonl_to_shards(path: Path, pattern: str, per_shard: int = 1000, image_root:
     """`openowl data shards`: a training jsonl file (image paths relative to `image_root`, default its folder) as
     WebDataset tar shards (`write_shards`). Raises ValueError naming the line of a row that isn't a JSON object,
     FileNotFoundError naming a missing image."""
-    root = Path(image_root) if image_root else path.parent
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            record = _row_record(f"{path}:{n}", str(n), line, root)
-            if record.problem:
-                raise ValueError(record.problem)
-            rows.append({"id": record.key, **record.fields, "image": record.images})
+    for record in JsonlFile(str(path), image_root).read(str(path)):
+        if record.problem:
+            raise ValueError(record.problem)
+        rows.append({"id": record.key, **record.fields, "image": record.images})
     missing = next((p for row in rows for p in row["image"] if not Path(p).is_file()), None)
     if missing is not None:
         raise FileNotFoundError(f"{missing}: no such image file")
