@@ -102,7 +102,8 @@ def train_transform(
     """Random resized crop to `size`×`size` (bicubic), horizontal flip with probability `flip_p`, mean/std.
 
     Args:
-        image: a PIL image, a path or an image file's bytes; converted to upright RGB as `openowl.processing.load_image` does.
+        image: a PIL image, a path or an image file's bytes; converted to upright RGB as
+            `openowl.processing.load_image` does.
         size: the output side.
         generator: the only source of randomness (see `make_generator`).
         mean, std: per-channel normalisation (CLIP's by default).
