@@ -50,7 +50,7 @@ from openowl.train.distributed import (
     plain_init,
 )
 from openowl.train.export import save_adapter
-from openowl.train.features import FeatureCache, build_feature_cache, cache_digest, check_cacheable, describe
+from openowl.train.features import FeatureCache, build_feature_cache, cache_digest, describe
 from openowl.train.plot import plot_losses
 from openowl.train.policy import PART_ROOTS, POLICIES, apply_policy, backward_parts, store_frozen_linears
 from openowl.train.rng import load_rng_state, save_rng_state, seed_everything, state_name
@@ -195,12 +195,10 @@ class TrainRecipe:
 
     def _feature_cache(self) -> FeatureCache | None:
         """The frozen ViT's cached outputs that `data.features` names, checked against this model and processor;
-        None without one (images are then encoded on the fly)."""
+        None without one (images are then encoded on the fly). Where a cache would be wrong, `setup`'s
+        `check_config` has refused it already."""
         d = self.cfg.data
-        if not d.features:
-            return None
-        check_cacheable(self.policy, d.augment)
-        return FeatureCache(d.features, self.model, self.processor)
+        return FeatureCache(d.features, self.model, self.processor) if d.features else None
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -519,8 +517,9 @@ def run_feature_cache(cfg: TrainConfig) -> dict:
     """The `openowl data cache-features` job: run the config's frozen ViT once over every training image and store
     its outputs in `data.features` (`train/features.py`), for training with `data.features` set.
 
-    Refused (before the model loads) where a cache would be wrong (`check_cacheable`). Under `accelerate launch`
-    each process computes its share of the shards (rank = accelerate's process index), on its device.
+    Refused (before the model loads) where a cache would be wrong (`check_config`, `check_cacheable`). Under
+    `accelerate launch` each process computes its share of the shards (rank = accelerate's process index), on its
+    device.
 
     Returns:
         `build_feature_cache`'s counts, with the missing image files among the skipped, and `line`, a summary.
@@ -528,7 +527,7 @@ def run_feature_cache(cfg: TrainConfig) -> dict:
     d = cfg.data
     if not d.features:
         raise ValueError("data.features is not set: give the folder to write the feature cache into")
-    check_cacheable(POLICIES[cfg.policy], d.augment)
+    check_config(cfg)  # refuses a cache where it would be wrong (`check_cacheable`), before the model loads
     state = make_accelerator(grad_accum=1)  # as training's: on a CPU, accelerate's own state sees one process
     model, processor = load_model(cfg.model)
     model.vision_model.to(state.device)
