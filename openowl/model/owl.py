@@ -46,16 +46,20 @@ def build_language_model(config: OwlConfig) -> nn.Module:
     return lm
 
 
+def build_vision_model(config: OwlConfig) -> nn.Module:
+    """The image encoder the config names: upstream's ViT or a DINOv2 one."""
+    if config.vision.model_type == DINOV2_MODEL_TYPE:
+        return Dinov2VisionModel(config.vision.build_dinov2_config())
+    return VisionModel(config.vision)
+
+
 class OwlForConditionalGeneration(nn.Module):
     """The composed model. Parameter names match the released checkpoints key for key."""
 
     def __init__(self, config: OwlConfig):
         super().__init__()
         self.config = config
-        if config.vision.model_type == DINOV2_MODEL_TYPE:
-            self.vision_model = Dinov2VisionModel(config.vision.build_dinov2_config())
-        else:
-            self.vision_model = VisionModel(config.vision)
+        self.vision_model = build_vision_model(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.abstractor.hidden_size))
         if config.video:
             self.temporal_query_tokens = nn.Parameter(torch.zeros_like(self.query_tokens))
