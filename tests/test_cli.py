@@ -191,6 +191,14 @@ def test_missing_image_in_jsonl(tmp_path, capsys):
     assert "gone.jpg" in capsys.readouterr().err
 
 
+def test_path_prints_the_checkpoint_folder_of_a_model(tmp_path, capsys, monkeypatch):
+    assert main(["path", str(CHECKPOINT)]) == 0
+    assert capsys.readouterr().out.strip() == str(CHECKPOINT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["path", "nobody/no-such-model"]) != 0
+    assert "nobody/no-such-model" in capsys.readouterr().err
+
+
 def test_model_folder_without_config(tmp_path, capsys):
     folder = tmp_path / "not-a-model"
     shutil.copytree(CHECKPOINT, folder)

@@ -18,7 +18,7 @@ LAYERS = [
     {"openowl.checkpoint", "openowl.convert"},
     {"openowl.loading", "openowl.owl_small"},
     {"openowl.infer", "openowl.train", "openowl.eval"},
-    {"openowl.serve", "openowl.chat"},
+    {"openowl.serve", "openowl.chat", "openowl.vllm"},
     {"openowl.cli", "openowl.__main__"},
 ]
 # The loader's clients below it: each `from_pretrained` keeps one lazy edge into `openowl.loading`.

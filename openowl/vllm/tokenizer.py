@@ -72,62 +72,70 @@ def owl_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if processor.prompt_format == "mplug-owl":
         tokenizer.chat_template = MPLUG_OWL_CHAT_TEMPLATE
     vocab = processor.tokenizer.get_vocab()
-    image_token_id = max(len(processor.tokenizer), max(vocab.values()) + 1)
-    max_chars = max(len(token) for token in vocab)
-
-    class OwlPromptTokenizer(type(processor.tokenizer)):
-        def __call__(self, text, text_pair=None, add_special_tokens=True, truncation=False, max_length=None, **_):
-            if text_pair is not None:
-                raise ValueError("mPLUG-Owl prompts are single texts (no text_pair)")
-            rows = [text] if isinstance(text, str) else list(text)
-            ids = [self.encode(t, truncation, max_length, add_special_tokens) for t in rows]
-            mask = [[1] * len(row) for row in ids]
-            return BatchEncoding({"input_ids": ids[0] if isinstance(text, str) else ids,
-                                  "attention_mask": mask[0] if isinstance(text, str) else mask})  # fmt: skip
-
-        def encode(self, text, truncation=None, max_length=None, add_special_tokens=True, **_) -> list[int]:
-            ids = prompt_ids(processor, text, add_special_tokens, image_token_id)
-            if truncation and max_length is not None and len(ids) > max_length:
-                ids = ids[-max_length:] if self.truncation_side == "left" else ids[:max_length]
-            return ids
-
-        # The image token is no piece of the vocabulary: it reads back as the tag (vLLM detokenizes prompts' tails).
-        def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
-            if image_token_id not in ([ids] if isinstance(ids, int) else ids):
-                return super().convert_ids_to_tokens(ids, skip_special_tokens)
-            if isinstance(ids, int):
-                return IMAGE_TAG
-            return [IMAGE_TAG if i == image_token_id else super(OwlPromptTokenizer, self).convert_ids_to_tokens(i)
-                    for i in ids if not (skip_special_tokens and i == image_token_id)]  # fmt: skip
-
-        def convert_tokens_to_string(self, tokens):
-            if IMAGE_TAG not in tokens:
-                return super().convert_tokens_to_string(tokens)
-            return _join_around(tokens, IMAGE_TAG, super().convert_tokens_to_string)
-
-        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
-            if image_token_id not in ([token_ids] if isinstance(token_ids, int) else token_ids):
-                return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
-            ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
-            text = super().decode
-            return _join_around(ids, image_token_id, lambda part: text(part, skip_special_tokens=skip_special_tokens))
-
-        @property
-        def max_token_id(self) -> int:
-            return image_token_id
-
-        @property
-        def max_chars_per_token(self) -> int:
-            return max_chars
-
-        def __reduce__(self):  # vLLM sends tokenizers to other processes: they load it again there
-            return owl_tokenizer, (folder,)
-
-    OwlPromptTokenizer.__name__ = f"Owl{type(processor.tokenizer).__name__}"
-    tokenizer.__class__ = OwlPromptTokenizer
-    tokenizer.image_token_id = image_token_id
-    tokenizer.owl_processor = processor
+    base = type(processor.tokenizer)
+    tokenizer.__class__ = type(f"Owl{base.__name__}", (OwlPromptTokenizer, base), {})
+    tokenizer.owl_folder, tokenizer.owl_processor = folder, processor
+    tokenizer.image_token_id = max(len(processor.tokenizer), max(vocab.values()) + 1)
+    tokenizer.owl_max_chars = max(len(token) for token in vocab)
     return tokenizer
+
+
+class OwlPromptTokenizer:
+    """What `owl_tokenizer` adds to the checkpoint's tokenizer class: openowl's tokenization of prompts, and the
+    image token (no piece of the vocabulary: it reads back as the tag, for vLLM detokenizes prompts' tails)."""
+
+    owl_folder: Path
+    owl_processor: OwlProcessor
+    image_token_id: int
+    owl_max_chars: int
+
+    def __call__(self, text, text_pair=None, add_special_tokens=True, truncation=False, max_length=None, **_):
+        if text_pair is not None:
+            raise ValueError("mPLUG-Owl prompts are single texts (no text_pair)")
+        rows = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t, truncation, max_length, add_special_tokens) for t in rows]
+        mask = [[1] * len(row) for row in ids]
+        if isinstance(text, str):
+            return BatchEncoding({"input_ids": ids[0], "attention_mask": mask[0]})
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+    def encode(self, text, truncation=None, max_length=None, add_special_tokens=True, **_) -> list[int]:
+        ids = prompt_ids(self.owl_processor, text, add_special_tokens, self.image_token_id)
+        if truncation and max_length is not None and len(ids) > max_length:
+            ids = ids[-max_length:] if self.truncation_side == "left" else ids[:max_length]
+        return ids
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        if self.image_token_id not in ([ids] if isinstance(ids, int) else ids):
+            return super().convert_ids_to_tokens(ids, skip_special_tokens)
+        if isinstance(ids, int):
+            return IMAGE_TAG
+        convert = super().convert_ids_to_tokens
+        return [IMAGE_TAG if i == self.image_token_id else convert(i)
+                for i in ids if not (skip_special_tokens and i == self.image_token_id)]  # fmt: skip
+
+    def convert_tokens_to_string(self, tokens):
+        if IMAGE_TAG not in tokens:
+            return super().convert_tokens_to_string(tokens)
+        return _join_around(tokens, IMAGE_TAG, super().convert_tokens_to_string)
+
+    def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        if self.image_token_id not in ids:
+            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        text = super().decode
+        return _join_around(ids, self.image_token_id, lambda part: text(part, skip_special_tokens=skip_special_tokens))
+
+    @property
+    def max_token_id(self) -> int:
+        return self.image_token_id
+
+    @property
+    def max_chars_per_token(self) -> int:
+        return self.owl_max_chars
+
+    def __reduce__(self):  # vLLM sends tokenizers to other processes: they load it again there
+        return owl_tokenizer, (self.owl_folder,)
 
 
 def _join_around(items: list, mark, convert) -> str:
