@@ -14,7 +14,11 @@ Random weights of a real shape (the `llama-1b` preset: the 7B ViT + abstractor a
 - variants at batch 1: the compiled engine (on a CPU: inductor's GEMMs on frozen, pre-packed weights), int8 and
   int4 weight-only (torchao), int8 compiled;
 - batch 1/4/8 throughput, second chat turn with and without the prefix cache;
-- with --load-rss: peak RSS while loading a saved bf16 checkpoint, as a multiple of the weights' size.
+- with --load-rss: peak RSS while loading a saved bf16 checkpoint, as a multiple of the weights' size;
+- with --peer vllm (this Python imports vLLM) or --peer PYTHON (one that does, e.g. `.venv-vllm/bin/python`): vLLM on
+  the same LM (saved as a transformers folder), dtype and prompt length (`vllm_peer.py`): decode at each batch size
+  and time to first token (the LM's prefill only: vLLM gets the prompt as text ids). A last table sets the decode
+  rates side by side with the bandwidth limit (LM weights and KV cache read per step, over the read bandwidth).
 """
 
 from __future__ import annotations
@@ -302,6 +306,7 @@ def main() -> None:
     parser.add_argument("--load-rss", action="store_true", help="also measure peak RSS while loading (saves to /tmp)")
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile and a static cache")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of ours and the baseline (median)")
+    parser.add_argument("--peer", help="also time vLLM: 'vllm' (importable here) or the path of a Python that has it")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
@@ -349,6 +354,11 @@ def main() -> None:
     }
     progress("batch_throughput_tok_s", result["batch_throughput_tok_s"])
     result["second_turn"] = second_turn(engine, request, args.new_tokens)
+    result["step_bytes"] = step_bytes  # LM weights + KV cache read per decoding step
+    result["kv_bytes"] = kv_bytes(model, ours["prompt_len"] + args.new_tokens // 2)
+    if args.peer:
+        result["vllm"] = vllm_peer(model, ours["prompt_len"], args)
+        progress("vllm", result["vllm"])
     if args.load_rss:
         result["load_rss"] = load_rss(model)
     result["variants"] = {}
@@ -369,7 +379,39 @@ def main() -> None:
         progress(spec, run)
 
     print_table(result)
+    print_peers(result)
     print(json.dumps(result))
+
+
+def vllm_peer(model: OwlForConditionalGeneration, prompt_len: int, args: argparse.Namespace) -> dict:
+    """vLLM's decode rates and first-token time on this model's LM, from `vllm_peer.py` in the peer's Python."""
+    python = sys.executable if args.peer == "vllm" else args.peer
+    with tempfile.TemporaryDirectory() as tmp:
+        model.language_model.save_pretrained(tmp)
+        OwlProcessor.from_pretrained(TOKENIZER).tokenizer.save_pretrained(tmp)
+        command = [python, str(ROOT / "benchmarks" / "vllm_peer.py"), tmp, "--prompt-len", str(prompt_len),
+                   "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--dtype", args.dtype]  # fmt: skip
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_peers(r: dict) -> None:
+    """Decoding at batch 1 side by side, each against its bandwidth limit: the bytes it reads per step (LM weights at
+    their stored size, and the KV cache) over the machine's read bandwidth."""
+    kv, step = r["kv_bytes"], r["step_bytes"]
+    rows = [("ours", r["ours"]["decode_tok_s"], step)]
+    if "transformers_generate" in r:
+        rows.append(("upstream path (transformers generate)", r["transformers_generate"]["decode_tok_s"], step))
+    rows += [(f"ours, {spec}", q["decode_tok_s"], q["weight_gb"] * 1e9 + kv) for spec, q in r["variants"].items()]
+    if "vllm" in r:
+        rows.append((f"vLLM {r['vllm']['vllm_version']}", r["vllm"]["decode_tok_s"]["1"], step))
+    read = r["machine"]["read_gbps"] * 1e9
+    print(f"\n{'decode, batch 1':<40}{'tok/s':>8}{'of limit':>10}{'limit tok/s':>13}")
+    for name, tok_s, step_bytes in rows:
+        print(f"{name:<40}{tok_s:>8.2f}{tok_s * step_bytes / read:>10.0%}{read / step_bytes:>13.2f}")
+    if "vllm" in r:
+        for b, v in r["batch_throughput_tok_s"].items():
+            print(f"batch {b}: ours {v:.2f} tok/s, vLLM {r['vllm']['decode_tok_s'][str(b)]:.2f} tok/s")
 
 
 def progress(name: str, value: object) -> None:

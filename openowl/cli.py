@@ -8,6 +8,7 @@ openowl demo --model PATH_OR_ID                                   (a web chat, a
 openowl eval TASK --model PATH_OR_ID [--limit N --batch-size B]     (a benchmark; --list shows them)
 openowl train --config CONFIG.yaml [KEY=VALUE ...]                (stage 1, stage 2, full fine-tuning)
 openowl data easy-vqa DIR                                         (owl-small's training files)
+openowl data scenes DIR [--images N]                              (drawn scenes' training files)
 openowl data cache-features CONFIG.yaml [KEY=VALUE ...]           (a frozen ViT's outputs, computed once)
 openowl data shards FILE.jsonl OUT/train-{:05d}.tar                (a jsonl file as WebDataset tar shards)
 openowl pack EXPORT [EXPORT ...]                                  (owl-small's shipped trained weights)
@@ -224,6 +225,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         written = jsonl_to_shards(Path(args.input), args.out, args.per_shard, args.image_root)
         print(f"{len(written)} shard(s): {written[0]} ... {written[-1]}" if written else "no rows: nothing written")
         return 0
+    if args.dataset == "scenes":
+        from openowl.data import scenes
+
+        print(json.dumps(scenes.write_training_data(Path(args.out), args.images, args.seed, args.questions_per_image)))
+        return 0
     from openowl.data.easy_vqa import write_training_data
 
     print(json.dumps(write_training_data(Path(args.out), args.questions_per_image, args.yes_no_per_image)))
@@ -334,6 +340,12 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("out", help="the shard names, with one {} for the shard number: shards/train-{:05d}.tar")
     shards.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
     shards.add_argument("--image-root", help="the folder image paths are relative to (default: the file's)")
+    drawn = kinds.add_parser("scenes", help="draw scenes and write their training files (captions, questions)")
+    drawn.add_argument("out", help="the folder to write them into")
+    drawn.add_argument("--images", type=positive_int, default=4000, help="scenes to draw (default: 4000)")
+    drawn.add_argument("--seed", type=int, default=0, help="the drawing's seed (default: 0)")
+    drawn.add_argument("--questions-per-image", type=positive_int, default=4,
+                       help="one-image questions per scene (default: 4)")  # fmt: skip
 
 
 def _pack_args(parser: argparse.ArgumentParser) -> None:

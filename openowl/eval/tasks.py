@@ -10,6 +10,7 @@ EgoSchema. Any other benchmark runs from a jsonl file (`jsonl_task`; the format 
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 from openowl.data.easy_vqa import question_type
@@ -35,12 +36,38 @@ def load_easy_vqa(data: str | None = None) -> list[Item]:
     ]
 
 
+SCENES_PER_KIND = 100
+SCENES_SEED = 1_000_003  # the held-out set: a seed and fonts that `openowl data scenes` never trains on
+
+
+def load_scenes(data: str | None = None) -> list[Item]:
+    """The held-out scene questions (`openowl.data.scenes`): 100 of each kind, drawn with their own seed in the test
+    fonts; `data` = "N" asks for N of each kind."""
+    from openowl.data import scenes
+
+    if data is not None and not data.isdigit():
+        raise ValueError(f"the scenes task takes --data N (questions of each kind), not {data!r}")
+    per_kind = SCENES_PER_KIND if data is None else int(data)
+    items = []
+    for q in scenes.question_set(per_kind, SCENES_SEED, scenes.TEST_FONTS):
+        images = [lambda s=s, key=f"{q.id}-{n}": scenes.draw(s, random.Random(key)) for n, s in enumerate(q.scenes)]
+        items.append(Item(id=q.id, question=q.question, images=images, answers=[q.answer],
+                          conversation=q.conversation, meta={"category": q.kind}))  # fmt: skip
+    return items
+
+
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # lmms-eval's POPE post-prompt
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task("easy-vqa", "easy-vqa test split (offline): shapes, colours, yes/no; exact match", "exact", load_easy_vqa),
+        Task(
+            "scenes",
+            "drawn scenes, held out: counting, numbers, positions, two images, two turns; exact match",
+            "exact",
+            load_scenes,
+        ),
         Task(
             "owleval",
             "OwlEval: 82 open questions on 50 images, rated by people (HTML report)",
