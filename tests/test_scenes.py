@@ -54,6 +54,12 @@ def test_scenes_are_drawn_as_described(seed):
         assert 22 <= height <= 50  # 24–48 px asked, antialiasing aside
 
 
+def test_a_full_scene_is_drawn_again_until_it_fits():
+    rng, fonts = random.Random(0), scenes.available_fonts(scenes.TRAIN_FONTS)
+    full = [scenes.random_scene(rng, fonts, shapes=4, number=True) for _ in range(300)]
+    assert all(len(s.shapes) == 4 and s.number is not None for s in full)
+
+
 def _shape_mask(scene: scenes.Scene) -> np.ndarray:
     mask = np.zeros((224, 224), bool)
     for shape in scene.shapes:

@@ -67,17 +67,33 @@ def load_font(name: str, height: int) -> ImageFont.FreeTypeFont:
 
 
 def random_scene(rng: random.Random, fonts: Sequence[str], shapes: int | None = None, number: bool | None = None):
-    """A scene with `shapes` shapes (0–4 at random by default) and a number or not (at random by default)."""
+    """A scene with `shapes` shapes (0–4 at random by default) and a number or not (at random by default). Sizes and
+    places are drawn again until everything fits without overlapping."""
     background = tuple(rng.randint(205, 255) for _ in range(3))
+    count = rng.randint(0, 4) if shapes is None else shapes
+    written = rng.random() < 0.5 if number is None else number
+    for _ in range(100):
+        try:
+            return _fill(rng, background, fonts, count, written)
+        except _NoRoomError:
+            continue
+    raise ValueError(f"{count} shapes and a number don't fit in a {SIZE} px scene")
+
+
+class _NoRoomError(Exception):
+    pass
+
+
+def _fill(rng: random.Random, background, fonts: Sequence[str], count: int, written: bool) -> Scene:
     boxes: list[tuple[int, int, int, int]] = []
     drawn_number, number_box, font, height = None, None, rng.choice(list(fonts)), rng.randint(24, 48)
-    if number if number is not None else rng.random() < 0.5:
+    if written:
         drawn_number = rng.randint(0, 99)
         left, top, right, bottom = load_font(font, height).getbbox(str(drawn_number))
         number_box = _place(rng, right - left, bottom - top, boxes)
         boxes.append(number_box)
     placed = []
-    for _ in range(rng.randint(0, 4) if shapes is None else shapes):
+    for _ in range(count):
         side = rng.randint(25, 70)
         box = _place(rng, side, side if rng.random() < 0.5 else rng.randint(25, 70), boxes)
         boxes.append(box)
@@ -86,13 +102,13 @@ def random_scene(rng: random.Random, fonts: Sequence[str], shapes: int | None = 
 
 
 def _place(rng: random.Random, width: int, height: int, taken: list[tuple[int, int, int, int]]):
-    """A box of that size inside the scene, 4 px clear of every box taken (retried; a full scene raises)."""
-    for _ in range(500):
+    """A box of that size inside the scene, 4 px clear of every box taken (tried at 200 places, then `_NoRoomError`)."""
+    for _ in range(200):
         x, y = rng.randint(4, SIZE - 4 - width), rng.randint(4, SIZE - 4 - height)
         box = (x, y, x + width, y + height)
         if all(box[2] + 4 <= t[0] or t[2] + 4 <= box[0] or box[3] + 4 <= t[1] or t[3] + 4 <= box[1] for t in taken):
             return box
-    raise ValueError("no room left in the scene")
+    raise _NoRoomError
 
 
 def draw(scene: Scene, rng: random.Random | None = None) -> Image.Image:
