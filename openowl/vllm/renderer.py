@@ -17,6 +17,11 @@ from openowl.constants import IMAGE_TAG
 
 
 class OwlRenderer(HfRenderer):
+    def _can_produce_offsets(self) -> bool:
+        """False: openowl's tokenization (chunk by chunk, `openowl.vllm.tokenizer`) gives ids without character
+        offsets, where vLLM's transformers renderer would ask a fast tokenizer (owl-small's) for them."""
+        return False
+
     def validate_token_ids(self, token_ids: Sequence[int], *, parameter: str | None = None) -> None:
         """Refuse image tokens that no image filled: each image's tokens are one whole run of `num_visual_tokens`
         (the multimodal processor grows each tag into one); a lone tag is a run of one.
