@@ -3,12 +3,14 @@ choice in `openowl/infer/kernels.py`.
 
     python benchmarks/bench_kernels.py
 
-Over bf16 weights of the `llama-1b` LM's shapes (2048 x 2048, 5632 x 2048, 2048 x 5632; 24 of them, 440 MB, more
-than the caches hold), rows = sequences in a decoding batch: openowl's `small_linear` (where this CPU has it),
-oneDNN's `F.linear`, and with one row the engine's fallback (`kernels.matvec`); the same shapes in int8 with a scale
-per output feature: openowl's `small_linear_int8` against PyTorch's `_weight_int8pack_mm`. Then one-token attention
-for 8 rows x 32 heads x 64 against 150 cached positions, 22 layers: openowl's kernel against SDPA. Kernels take
-turns in each of `--rounds` rounds; medians. Prints a table and one JSON line.
+Over bf16 weights of the `llama-1b` LM's shapes (2048 x 2048, 5632 x 2048, 2048 x 5632; `--weights` of them, 154
+by default: the LM's 2.3 GB, more than the caches hold), rows = sequences in a decoding batch: openowl's
+`small_linear` (where this CPU has it), oneDNN's `F.linear`, oneDNN on weights packed once for it
+(`kernels.pack_weights`, where PyTorch's oneDNN has bf16) and with one row the engine's fallback
+(`kernels.matvec`); the same shapes in int8 with a scale per output feature: openowl's `small_linear_int8` (in fixed
+point on AVX-512 VNNI) against PyTorch's `_weight_int8pack_mm`. Then one-token attention for 8 rows x 32 heads x 64
+against 150 cached positions, 22 layers: openowl's kernel against SDPA. Kernels take turns in each of `--rounds`
+rounds; medians. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--weights", type=int, default=154, help="how many weights (154: the 1.26 B LM's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     shapes = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]
-    shapes = [s for _ in range(4) for s in shapes][:24]
+    shapes = [s for _ in range(-(-args.weights // 7)) for s in shapes][: args.weights]
     rows = [int(r) for r in args.rows.split(",")]
     result: dict = {"kernels": kernel_choice(), "read_gbps": read_bandwidth(torch.ones(256 * 1024 * 1024)) / 1e9}
 
@@ -61,6 +64,11 @@ def main() -> None:
     kernels: dict[str, Callable] = {"oneDNN F.linear": lambda x, w: F.linear(x, w)}
     if cpu_kernels():
         kernels["openowl small_linear"] = torch.ops.openowl.small_linear
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, 1) for (w,) in bf16}  # laid out for few rows
+        kernels["oneDNN on packed weights"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(
+            x, packed[id(w)], None, "none", [], ""
+        )
     one_row = {"PyTorch / oneDNN torch.mv (kernels.matvec)": lambda x, w: matvec(w, x[0])}
     result["gbps"] = time_products(bf16, rows, args.rounds, lambda n: {**kernels, **(one_row if n == 1 else {})})
     int8 = [(torch.randint(-127, 128, s, dtype=torch.int8), torch.rand(s[0]).bfloat16() / 100) for s in shapes]

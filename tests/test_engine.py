@@ -821,6 +821,33 @@ def test_int8_linear_matches_its_dequantized_weight():
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_layers_share_one_dequantized_buffer_and_autograd_gets_its_own():
+    """Many rows dequantize into one buffer per thread (layer after layer, larger and smaller), each product the
+    right one; a product autograd will go back through keeps a weight of its own, so the next layer can't overwrite
+    what the backward reads."""
+    from openowl.infer import quantize
+
+    torch.manual_seed(0)
+    layers = [
+        Int8WeightOnlyLinear(torch.randint(-127, 128, (n, 32), dtype=torch.int8), torch.rand(n) / 100, None)
+        for n in (48, 96, 16)
+    ]
+    x = torch.randn(40, 32)
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+    buffers = {quantize._scratch.buffer.data_ptr()}
+    with torch.no_grad():
+        outs += [layer(x) for layer in layers]
+    assert {quantize._scratch.buffer.data_ptr()} == buffers and quantize._scratch.buffer.numel() >= 96 * 32
+    for layer, out in zip(layers * 2, outs, strict=True):
+        torch.testing.assert_close(out, x @ (layer.weight.float() * layer.scale[:, None]).T, rtol=1e-5, atol=1e-5)
+    wanted = x.clone().requires_grad_()
+    (layers[0](wanted).sum() + layers[2](wanted).sum()).backward()
+    expected = (layers[0].weight.float() * layers[0].scale[:, None]).sum(0)
+    expected += (layers[2].weight.float() * layers[2].scale[:, None]).sum(0)
+    torch.testing.assert_close(wanted.grad, expected.expand(40, 32), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_int8_product_sum_is_the_dequantized_product(rows):
     """The form compiled CUDA decoding gives int8 Linears (CUDA itself: `benchmarks/cuda_check.py`)."""
@@ -842,7 +869,7 @@ def test_int8_product_sum_is_the_dequantized_product(rows):
 
 
 def test_preparing_puts_the_decode_kernels_in_for_eager_decoding_only(tiny):
-    from openowl.infer.kernels import ATTENTION, DecodeLinear, cpu_kernels
+    from openowl.infer.kernels import ATTENTION, DecodeLinear, PackedLinear, can_pack, cpu_kernels
 
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
     lm = model.language_model
@@ -854,6 +881,8 @@ def test_preparing_puts_the_decode_kernels_in_for_eager_decoding_only(tiny):
     assert all(type(m) is DecodeLinear for m in linears)
     assert lm.config._attn_implementation == (ATTENTION if cpu_kernels() else "sdpa")
     assert not any(isinstance(m, DecodeLinear) for m in model.vision_model.modules())
+    vision = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert vision and all(type(m) is (PackedLinear if can_pack() else torch.nn.Linear) for m in vision)  # AMX
     prepare_for_inference(model, compile=True)  # under torch.compile: inductor's GEMMs and PyTorch's attention
     assert all(type(m) is torch.nn.Linear for m in linears) and lm.config._attn_implementation == "sdpa"
     assert tiny.model.language_model.config._attn_implementation == "sdpa"  # float32: nothing to gain
@@ -887,7 +916,7 @@ def test_compiled_cpu_decoding_runs_inductors_gemms_on_frozen_weights(tiny, mode
         counters.clear()
         fast = compiled_decode(model)(model, token, full, positions, cache).float()
         slow = decode_one_token(model, token, full, positions, cache).float()  # rewrites the same cache slot
-    per_layer = 4 if mode == "bf16" else 7  # the engine fuses q/k/v and gate/up; quantized ones stay apart
+    per_layer = 4  # the engine fuses q/k/v and gate/up, int8 ones too
     layers = model.language_model.config.num_hidden_layers
     assert counters["inductor"]["cpp_templated_kernel_counter"] >= per_layer * layers
     assert torch.nn.functional.cosine_similarity(fast, slow).item() > 0.9999

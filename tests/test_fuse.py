@@ -103,7 +103,7 @@ def test_unfusing_keeps_or_drops_the_fused_weights(stock):
     model.load_state_dict(_random_state(model))  # no fused entries expected any more
 
 
-def test_only_plain_linears_are_fused(stock):
+def test_only_plain_or_int8_linears_alike_are_fused(stock):
     pytest.importorskip("torchao")
     from openowl.infer.quantize import Int8WeightOnlyLinear, quantize
 
@@ -118,4 +118,18 @@ def test_only_plain_linears_are_fused(stock):
     quantize(model, "int8")  # unfuses first: no unquantized fused copy is left behind
     attention = model.language_model.model.layers[0].self_attn
     assert not hasattr(attention, "qkv_proj") and type(attention.q_proj) is Int8WeightOnlyLinear
-    assert fuse_projections(model.language_model) == 0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    separate = _logits(model, IDS)
+    assert fuse_projections(model.language_model) == 2 * model.language_model.config.num_hidden_layers
+    fused, mlp = attention.qkv_proj, model.language_model.model.layers[0].mlp.gate_up_proj
+    assert type(fused) is Int8WeightOnlyLinear and type(mlp) is Int8WeightOnlyLinear
+    assert fused.scale.shape == (fused.out_features,) and attention.v_proj.scale.data_ptr() > fused.scale.data_ptr()
+    assert attention.q_proj.weight.data_ptr() == fused.weight.data_ptr()  # the parts are views: no second copy
+    torch.testing.assert_close(_logits(model, IDS), separate)  # bf16: the kernels give each output the same sum
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    changed = {k: v.clone() for k, v in state.items()}
+    changed["language_model.model.layers.0.self_attn.k_proj.scale"] *= 2
+    model.load_state_dict(changed)  # loading into the parts reaches the fused scales
+    k_rows = slice(attention.q_proj.out_features, attention.q_proj.out_features + attention.k_proj.out_features)
+    assert torch.equal(fused.scale[k_rows], changed["language_model.model.layers.0.self_attn.k_proj.scale"])

@@ -16,8 +16,9 @@ from openowl.infer import kernels
 from openowl.infer.generate import forward_step, new_cache, prefill
 
 needs_kernels = pytest.mark.skipif(
-    not kernels.cpu_kernels(), reason="the kernels need a CPU with AVX-512 BF16 and no AMX, and a C++ compiler"
+    not kernels.cpu_kernels(), reason="the kernels need a CPU with AVX-512 BF16 and a C++ compiler"
 )
+needs_vnni = pytest.mark.skipif(not kernels.has_avx512_vnni(), reason="the fixed-point int8 path needs AVX-512 VNNI")
 
 
 def _ops(fn) -> list[str]:
@@ -69,6 +70,63 @@ def test_small_linear_int8_computes_the_scaled_product(n, k):
         torch.testing.assert_close(torch._weight_int8pack_mm(x, w, scale).float(), expected, rtol=1e-2, atol=1e-2)
 
 
+def _int8_exact(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ w^T * scale in float64 (exact for these sizes), rounded once to bf16."""
+    return (x.double() @ w.double().T * scale.double()).to(torch.bfloat16)
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps apart each pair is (same-sign finite values)."""
+    bits = [t.view(torch.int16).int() for t in (a, b)]
+    return (bits[0] - bits[1]).abs()
+
+
+@needs_kernels
+@needs_vnni
+def test_int8_fixed_point_rows_give_the_exact_product_rounded_once():
+    """Rows whose values all lie within 2^16 of their largest are exact in 24-bit fixed point: every output is the
+    exact product rounded to bf16 (at most one step off, where float32 and then bf16 rounding meet), against
+    float64. PyTorch's bf16 product of the same values sums in float32 in another order."""
+    torch.manual_seed(0)
+    n, k = 300, 2048
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)  # -128 too: the fixed-point path takes any int8
+    scale = (torch.rand(n) / 500).to(torch.bfloat16)
+    for rows in (1, 2, 3, 5, 8):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        out = torch.ops.openowl.small_linear_int8(x, w, scale)
+        exact = _int8_exact(x, w, scale)
+        ulps = _bf16_ulps(out, exact)
+        assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
+
+
+@needs_kernels
+@needs_vnni
+def test_int8_fixed_point_keeps_small_values_next_to_an_outlier_and_carries_inf_and_nan():
+    """A row with one value 10^6 times the others (an activation outlier): the small ones are rounded to 2^-24 of
+    the outlier, so the products stay as close to the exact ones as float32's own; a row of zeros gives zeros; rows
+    with inf or NaN, and rows too small for a float scale, take the conversion path and match PyTorch's product."""
+    torch.manual_seed(0)
+    n, k = 64, 256
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.full((n,), 1e-3).to(torch.bfloat16)
+    x = torch.randn(4, k, dtype=torch.bfloat16)
+    x[0, 7] = 1e6
+    x[1] = 0
+    x[2, 3] = float("inf")
+    x[3, 5] = float("nan")
+    out = torch.ops.openowl.small_linear_int8(x, w, scale).float()
+    exact = (x[:1].double() @ w.double().T * scale.double()).float()
+    torch.testing.assert_close(out[:1], exact, rtol=1e-2, atol=1e-6 * exact.abs().max().item())
+    assert torch.equal(out[1], torch.zeros(n))
+    reference = F.linear(x[2:].float(), w.float()) * scale.float()
+    assert torch.equal(out[2:].isnan(), reference.isnan()) and torch.equal(out[2:].isinf(), reference.isinf())
+    tiny = torch.randn(2, k).mul(1e-33).to(torch.bfloat16)  # |x| < 2^-104
+    torch.testing.assert_close(
+        torch.ops.openowl.small_linear_int8(tiny, w, scale).float(), _int8_exact(tiny, w, scale).float(),
+        rtol=1e-2, atol=0,
+    )  # fmt: skip
+
+
 @needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
 def test_small_linear_gives_a_row_the_same_bits_alone_and_in_a_batch(int8):
@@ -78,11 +136,14 @@ def test_small_linear_gives_a_row_the_same_bits_alone_and_in_a_batch(int8):
         weights += (torch.rand(101).to(torch.bfloat16),)  # the scales
     else:
         op, weights = torch.ops.openowl.small_linear, (torch.randn(101, 96, dtype=torch.bfloat16),)
-    x = torch.randn(8, 96, dtype=torch.bfloat16)
-    full = op(x, *weights)
-    for rows in (1, 3, 5):
-        for start in range(8 - rows + 1):
-            assert torch.equal(op(x[start : start + rows].contiguous(), *weights), full[start : start + rows])
+    for width in (96, 128):  # int8: the conversion path, and the fixed-point one where the CPU has VNNI
+        weight = weights[0].repeat(1, 2)[:, :width].contiguous()
+        x = torch.randn(8, width, dtype=torch.bfloat16)
+        full = op(x, weight, *weights[1:])
+        for rows in (1, 3, 5):
+            for start in range(8 - rows + 1):
+                alone = op(x[start : start + rows].contiguous(), weight, *weights[1:])
+                assert torch.equal(alone, full[start : start + rows])
 
 
 @needs_kernels
@@ -148,12 +209,15 @@ def test_one_row_products_without_the_kernels_run_as_torch_mv(monkeypatch, amx):
 
 
 @needs_kernels
-def test_decode_linear_runs_the_kernel_for_up_to_eight_bf16_rows():
+@pytest.mark.parametrize("amx", [True, False])
+def test_decode_linear_runs_the_kernel_for_up_to_eight_bf16_rows_or_four_with_amx(monkeypatch, amx):
+    monkeypatch.setattr(kernels, "has_amx", lambda: amx)
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
     plain = copy.deepcopy(layer)
     kernels.use_decode_kernels(layer)
-    for shape, kernel in (((1, 1, 64), True), ((8, 1, 64), True), ((3, 3, 64), False), ((2, 64), True)):
+    shapes = (((1, 1, 64), True), ((4, 1, 64), True), ((8, 1, 64), not amx), ((3, 3, 64), False), ((2, 64), True))
+    for shape, kernel in shapes:
         x = torch.randn(shape, dtype=torch.bfloat16)
         with torch.no_grad():  # as the engine decodes
             assert _ops(lambda x=x: layer(x)) == (["openowl::small_linear"] if kernel else [])
@@ -249,3 +313,63 @@ def test_decoding_with_the_kernels_is_as_close_to_float32_as_pytorchs_bf16():
         assert (ours[0][row] - wanted).abs().max() <= 1.5 * stock_error + 1e-3
     assert kernels.use_stock_kernels(model.language_model) == 7 * 2 + 1
     assert model.language_model.config._attn_implementation == "sdpa"
+
+
+# --- packed weights ------------------------------------------------------------------------------
+
+needs_onednn_bf16 = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="oneDNN's bf16 GEMM needs a CPU with AVX-512",
+)
+
+
+@needs_onednn_bf16
+@torch.no_grad()
+def test_packed_weights_give_the_linear_result_and_go_once_the_weight_changes():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32, bias=False))
+    block = block.to(torch.bfloat16)
+    plain = copy.deepcopy(block)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    assert kernels.pack_weights(block) == 2 and all(type(m) is kernels.PackedLinear for m in block[::2])
+    assert block.state_dict().keys() == state.keys()
+    for rows in (1, 7, 257):
+        x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
+        assert _profiled(lambda x=x: block(x)).count("mkldnn::_linear_pointwise") == 2
+        torch.testing.assert_close(block(x), plain(x), rtol=1e-2, atol=1e-2)  # the same GEMM, laid out once
+    block[0].weight.mul_(2)  # changed in place (as `load_state_dict` does): the packed copy is stale
+    plain[0].weight.mul_(2)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert _profiled(lambda: block(x)).count("mkldnn::_linear_pointwise") == 1  # the second layer's only
+    torch.testing.assert_close(block(x), plain(x), rtol=1e-2, atol=1e-2)
+    assert "_packed" not in block[0].__dict__
+    copied = copy.deepcopy(block)  # oneDNN's packed tensor can't be copied: the copy packs its own weight
+    assert "_packed" not in copied[0].__dict__ and "_packed" in copied[2].__dict__
+    assert copied[2].__dict__["_packed"][2] is not block[2].__dict__["_packed"][2]
+    assert torch.equal(copied(x), block(x))
+    assert kernels.unpack_weights(block) == 1 and all(type(m) is torch.nn.Linear for m in block[::2])
+
+
+@needs_onednn_bf16
+def test_packing_leaves_fused_parts_other_dtypes_and_autograd_alone():
+    from openowl.infer.fuse import fuse_projections
+
+    torch.manual_seed(0)
+    model = OwlForConditionalGeneration(get_preset("tiny")).to(torch.bfloat16).eval()
+    lm = model.language_model
+    fuse_projections(lm)
+    layers = lm.config.num_hidden_layers
+    assert kernels.pack_weights(lm) == 4 * layers + 1  # q/k/v, o, gate/up, down and the head; not the parts
+    assert kernels.pack_weights(torch.nn.Linear(8, 8)) == 0  # float32
+    layer = torch.nn.Linear(64, 8, dtype=torch.bfloat16)
+    kernels.pack_weights(layer)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    assert "mkldnn::_linear_pointwise" not in _profiled(lambda: layer(x).sum().backward())  # no backward: PyTorch's
+    assert x.grad is not None
+
+
+def _profiled(fn) -> list[str]:
+    """The names of the ops `fn()` ran, one per call."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return [e.name for e in prof.events()]

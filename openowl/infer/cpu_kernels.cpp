@@ -1,14 +1,16 @@
-// Decoding kernels for CPUs with AVX-512 BF16 and without AMX, built on first use by `openowl/infer/kernels.py`.
+// Decoding kernels for CPUs with AVX-512 BF16 (and VNNI), built on first use by `openowl/infer/kernels.py`.
 //
 // A decoding step multiplies a few rows (one per sequence in the batch) by every weight, and attends one query per
 // sequence to its cached keys and values. Both read far more bytes than they compute on, so their speed is the
-// speed at which they stream memory. On such a CPU, oneDNN's bf16 GEMM re-packs each weight at every call and
-// reads it well below the bandwidth with 8 rows, and PyTorch's CPU attention spends most of a one-token query on
-// set-up; these two kernels stream the weights and the cache once (measured: docs/performance.md, Run G).
+// speed at which they stream memory. oneDNN's bf16 products read the weights well below the bandwidth with a few
+// rows (on an AMX CPU too, with 1-4 rows), and PyTorch's CPU attention spends most of a one-token query on set-up
+// on a CPU without AMX; these kernels stream the weights and the cache once (measured: docs/performance.md, Run G,
+// Run H and Run J).
 //
 // openowl::small_linear(x, w): (M, K) @ (N, K)^T for a few rows; each output is the same sum whatever M is (a row
 //     decoded alone and in a batch gets the same bits).
-// openowl::small_linear_int8(x, w, scale): the same with int8 weights and one scale per output (weight-only int8).
+// openowl::small_linear_int8(x, w, scale): the same with int8 weights and one scale per output (weight-only int8):
+//     the int8 weights multiplied as they are by the rows in fixed point (AVX-512 VNNI), or converted to bf16.
 // openowl::decode_attention(q, k, v, mask, scale): one query per (sequence, head) against its keys and values.
 
 #include <ATen/ATen.h>
@@ -138,14 +140,147 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
-// Weight-only int8: x @ w^T * scale, one bf16 scale per output feature.
+// Weight-only int8 on AVX-512 VNNI: the rows become fixed point and the int8 weights are multiplied as they are.
+//
+// Converting each int8 weight to bf16 costs several instructions per 32 weights, more than reading them from memory
+// takes (measured: docs/performance.md, Run J). Instead each row x is written once per call as integers
+// X = round(x * 2^s) below 2^23 in size, s chosen per row from its largest |x|, offset to U = X + 2^23 and split into
+// kDigits unsigned bytes; vpdpbusd multiplies 64 of those bytes by 64 int8 weights per instruction and sums them in
+// int32. sum_k w_k X_k = sum_j 256^j sum_k w_k U_jk - 2^23 sum_k w_k is then exact in int64, and scaled once in
+// double. Every x within 2^16 of its row's largest is exact in 24 bits (a bf16 has 8 significant bits); smaller ones
+// are rounded to 2^-24 of the largest, less than float32's own rounding of the sum. The result is the exact product
+// of those rows, rounded once to bf16: per row alone, whatever else is in the batch.
+constexpr int kDigits = 3;
+constexpr int64_t kFixedLanes = 64;  // bytes per 512-bit register
+constexpr int32_t kOffset = 1 << 23;
+
+struct FixedRows {
+  std::vector<uint8_t> digits;  // (M, kDigits, K)
+  std::vector<double> unit;     // 2^-s per row
+};
+
+// false where a row holds inf or NaN (the conversion path then carries them through, as PyTorch's product does) or is
+// too small for a float scale (|x| < 2^-104).
+bool to_fixed(const bf16* x, int64_t M, int64_t K, FixedRows& rows) {
+  rows.digits.resize(M * kDigits * K);
+  rows.unit.resize(M);
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* xm = x + m * K;
+    __m512i top_bits = _mm512_setzero_si512();  // |x| as bits: ordered as the magnitudes are, inf and NaN on top
+    for (int64_t k = 0; k < K; k += kLanes)
+      top_bits = _mm512_max_epu16(top_bits, _mm512_and_si512(_mm512_loadu_si512(xm + k), _mm512_set1_epi16(0x7fff)));
+    alignas(64) uint16_t lanes[kLanes];
+    _mm512_store_si512(lanes, top_bits);
+    const uint16_t top = *std::max_element(lanes, lanes + kLanes);
+    if (top >= 0x7f80) return false;
+    int e = 0;
+    std::frexp(static_cast<float>(c10::BFloat16(top, c10::BFloat16::from_bits())), &e);  // |x| < 2^e
+    const int s = 23 - e;  // so |x| * 2^s < 2^23
+    if (s > 127) return false;
+    rows.unit[m] = std::ldexp(1.0, -s);
+    const __m512 factor = _mm512_set1_ps(std::ldexp(1.f, s));
+    const __m512i offset = _mm512_set1_epi32(kOffset);
+    uint8_t* d = rows.digits.data() + m * kDigits * K;
+    for (int64_t k = 0; k < K; k += 16) {  // rounded to nearest (even), as the CPU rounds by default
+      const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(widen(xm + k), factor)), offset);
+      for (int j = 0; j < kDigits; ++j)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * K + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8 * j)));
+    }
+  }
+  return true;
+}
+
+// out[m, n] for the M rows' digits and the weight rows [n0, n1), R weight rows at a time.
+template <int M, int R>
+void fixed_rows_times_int8(const FixedRows& rows, int64_t m0, const int8_t* w, const bf16* scale, bf16* out,
+                           int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const uint8_t* d = rows.digits.data() + m0 * kDigits * K;
+  for (int64_t n = n0; n < n1; n += R) {
+    __m512i acc[R][M][kDigits], sum[R];
+    for (int r = 0; r < R; ++r) {
+      sum[r] = _mm512_setzero_si512();
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < kDigits; ++j) acc[r][m][j] = _mm512_setzero_si512();
+    }
+    for (int64_t k = 0; k < K; k += kFixedLanes) {
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w + (n + r) * K + k;
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchAhead), _MM_HINT_T1);
+        wv[r] = _mm512_loadu_si512(row);
+        sum[r] = _mm512_dpbusd_epi32(sum[r], ones, wv[r]);
+      }
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < kDigits; ++j) {
+          const __m512i xv = _mm512_loadu_si512(d + (m * kDigits + j) * K + k);
+          for (int r = 0; r < R; ++r) acc[r][m][j] = _mm512_dpbusd_epi32(acc[r][m][j], xv, wv[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t weight_sum = _mm512_reduce_add_epi32(sum[r]);
+      const double s = static_cast<double>(static_cast<float>(scale[n + r]));
+      for (int m = 0; m < M; ++m) {
+        int64_t total = -static_cast<int64_t>(kOffset) * weight_sum;
+        for (int j = 0; j < kDigits; ++j) total += static_cast<int64_t>(_mm512_reduce_add_epi32(acc[r][m][j])) << (8 * j);
+        out[m * N + n + r] = bf16(static_cast<float>(static_cast<double>(total) * rows.unit[m0 + m] * s));
+      }
+    }
+  }
+}
+
+// Up to 4 rows in one pass over the weight; 5-8 rows take a second pass over each block of weight rows while it is
+// still in the cache (as `small_linear_pass` does for bf16).
+template <int M>
+void fixed_pass(const FixedRows& rows, int64_t m0, const int8_t* w, const bf16* scale, bf16* out, int64_t K, int64_t N) {
+  constexpr int first = M > 4 ? 4 : M, second = M - first;
+  constexpr int R = first == 1 ? 4 : first == 2 ? 3 : 2;  // as many weight rows as the registers allow beside the sums
+  const int64_t blocks = N / R;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      fixed_rows_times_int8<first, R>(rows, m0, w, scale, out + m0 * N, K, N, b * R, b * R + R);
+      if constexpr (second > 0)
+        fixed_rows_times_int8<second, R>(rows, m0 + first, w, scale, out + (m0 + first) * N, K, N, b * R, b * R + R);
+    }
+  });
+  for (int64_t n = blocks * R; n < N; ++n) {
+    fixed_rows_times_int8<first, 1>(rows, m0, w, scale, out + m0 * N, K, N, n, n + 1);
+    if constexpr (second > 0) fixed_rows_times_int8<second, 1>(rows, m0 + first, w, scale, out + (m0 + first) * N, K, N, n, n + 1);
+  }
+}
+
+bool has_vnni() { return __builtin_cpu_supports("avx512vnni"); }
+
+// Weight-only int8: x @ w^T * scale, one bf16 scale per output feature. The fixed-point path where the CPU has
+// AVX-512 VNNI and the inner size is a multiple of 64; otherwise (or for rows with inf / NaN) each weight is
+// converted to bf16.
 at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   check_small_linear(x, w);
   TORCH_CHECK(w.scalar_type() == at::kChar, "small_linear_int8: int8 weights only");
   TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.numel() == w.size(0) && scale.is_contiguous(),
               "small_linear_int8: one contiguous bf16 scale per output feature");
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  small_linear_passes(x, w.data_ptr<int8_t>(), scale.data_ptr<bf16>(), out);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  FixedRows rows;
+  if (!(has_vnni() && K % kFixedLanes == 0 && K < (1 << 20) && to_fixed(x.data_ptr<bf16>(), M, K, rows))) {
+    small_linear_passes(x, w.data_ptr<int8_t>(), scale.data_ptr<bf16>(), out);  // (int32 sums stay exact below 2^20)
+    return out;
+  }
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const bf16* sp = scale.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: fixed_pass<1>(rows, m0, wp, sp, op, K, N); break;
+      case 2: fixed_pass<2>(rows, m0, wp, sp, op, K, N); break;
+      case 3: fixed_pass<3>(rows, m0, wp, sp, op, K, N); break;
+      case 4: fixed_pass<4>(rows, m0, wp, sp, op, K, N); break;
+      case 5: fixed_pass<5>(rows, m0, wp, sp, op, K, N); break;
+      case 6: fixed_pass<6>(rows, m0, wp, sp, op, K, N); break;
+      case 7: fixed_pass<7>(rows, m0, wp, sp, op, K, N); break;
+      default: fixed_pass<8>(rows, m0, wp, sp, op, K, N); break;
+    }
+  }
   return out;
 }
 

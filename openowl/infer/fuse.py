@@ -1,6 +1,7 @@
 """One product where a LLaMA layer has several on the same input: q/k/v in attention, gate/up in the MLP.
 
-Applied to a loaded model from outside, for inference (the engine does it; the model files stay plain). A decoding
+Applied to a loaded model from outside, for inference (the engine does it; the model files stay plain), to plain
+Linears and to `quantize`'s int8 ones (their scales side by side too). A decoding
 step reads every weight once per token through small products, and on a GPU one wide product streams its weight
 better than three narrow ones, so a step's matmuls take less time fused (`benchmarks/decode_breakdown.py`;
 measured: docs/performance.md, GPU: an H100). On a CPU, openowl's kernels read the fused weights at the speed of
@@ -119,14 +120,22 @@ _STOCK = {FusedLlamaAttention: LlamaAttention, FusedLlamaMLP: LlamaMLP}
 
 
 def _fusable(*parts: nn.Module) -> bool:
+    """Plain Linears, or `quantize`'s int8 Linears (weights, scales and biases side by side), alike in all but their
+    output widths."""
+    from openowl.infer.quantize import Int8WeightOnlyLinear
+
     first = parts[0]
-    return all(
-        type(p) is nn.Linear and not hasattr(p, "_hf_hook") and not is_tensor_subclass(p.weight)
+    return type(first) in (nn.Linear, Int8WeightOnlyLinear) and all(
+        type(p) is type(first) and not hasattr(p, "_hf_hook") and not is_tensor_subclass(p.weight)
         and p.weight.device.type != "meta" and p.weight.device == first.weight.device
         and p.weight.dtype == first.weight.dtype and p.in_features == first.in_features
         and (p.bias is None) == (first.bias is None)
+        and getattr(p, "scale", first.weight).dtype == getattr(first, "scale", first.weight).dtype
         for p in parts
     )  # fmt: skip
+
+
+_FUSED = ("weight", "scale", "bias")  # the parameters that fuse side by side, where a Linear has them
 
 
 def _fuse(owner: nn.Module, names: tuple[str, ...], fused_name: str) -> None:
@@ -141,23 +150,35 @@ def _fuse(owner: nn.Module, names: tuple[str, ...], fused_name: str) -> None:
         if all(p.weight.untyped_storage().data_ptr() == storage for p in parts):
             return
         unfuse_projections(owner)  # the parts' weights were replaced since: build it again
-    weight = torch.cat([p.weight.detach() for p in parts])  # (sum of out_features, in_features)
-    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-    grad = any(p.weight.requires_grad for p in parts)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=grad)
-    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=grad)
+    values = {
+        name: torch.cat([getattr(p, name).detach() for p in parts])  # (sum of out_features, ...)
+        for name in _FUSED
+        if getattr(parts[0], name, None) is not None
+    }
+    fused = _fused_like(parts[0], values, grad=any(p.weight.requires_grad for p in parts))
     start = 0
     for p in parts:
         end = start + p.out_features
-        p.weight = nn.Parameter(weight[start:end], requires_grad=p.weight.requires_grad)
-        if bias is not None:
-            p.bias = nn.Parameter(bias[start:end], requires_grad=p.bias.requires_grad)
+        for name, value in values.items():
+            setattr(p, name, nn.Parameter(value[start:end], requires_grad=getattr(p, name).requires_grad))
         start = end
     fused.register_state_dict_post_hook(_leave_out)
     setattr(owner, fused_name, fused)
     hook = functools.partial(_from_parts, names=names, fused_name=fused_name)
     owner._fusion = (fused_name, owner.register_load_state_dict_pre_hook(hook))
+
+
+def _fused_like(part: nn.Module, values: dict[str, torch.Tensor], grad: bool) -> nn.Module:
+    """A module of the part's kind over the fused values (`grad`: a Linear's parameters require grad)."""
+    from openowl.infer.quantize import Int8WeightOnlyLinear
+
+    if type(part) is Int8WeightOnlyLinear:
+        return Int8WeightOnlyLinear(values["weight"], values["scale"], values.get("bias"))
+    weight, bias = values["weight"], values.get("bias")
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=grad)
+    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=grad)
+    return fused
 
 
 def _leave_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -167,7 +188,7 @@ def _leave_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata:
 
 def _from_parts(owner: nn.Module, state_dict: dict, prefix: str, *args, names: tuple[str, ...], fused_name: str):
     """Add the fused entries that the parts' entries make to a state dict being loaded into `owner`."""
-    for name in ("weight", "bias"):
+    for name in _FUSED:
         keys = [f"{prefix}{part}.{name}" for part in names]
         if all(k in state_dict for k in keys):
             state_dict[f"{prefix}{fused_name}.{name}"] = torch.cat([state_dict[k] for k in keys])

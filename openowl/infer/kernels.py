@@ -3,27 +3,27 @@
 A decoding step multiplies one row per sequence by every weight and attends one query per sequence to its KV
 cache, so its speed is the speed at which those products stream the weights and the cache from memory. How well
 PyTorch's own kernels do with so few rows depends on the CPU (`benchmarks/bench_kernels.py` measures them; the
-figures for the two kinds of CPU this project ran on: docs/performance.md, Kernel choice by CPU, Run F and Run G):
+figures for the kinds of CPU this project ran on: docs/performance.md, Kernel choice by CPU, Runs F, G, H and J):
 
-- with AMX, oneDNN's one-row `torch.mv` reads the weights near the bandwidth and its `F.linear` below it; with 2
-  rows or more, oneDNN's AMX GEMM is kept.
-- with AVX-512 BF16 and no AMX, oneDNN's products read the weights well below the bandwidth with one row or eight,
-  PyTorch's own `torch.mv` reads them near it with one row but its GEMM far below it with eight, and PyTorch's
-  attention for a few one-token queries takes several times as long as reading their keys and values.
+- with AVX-512 BF16 and no AMX (AMD EPYC), oneDNN's products read the weights well below the bandwidth with one
+  row or eight, PyTorch's own `torch.mv` reads them near it with one row but its GEMM far below it with eight, and
+  PyTorch's attention for a few one-token queries takes several times as long as reading their keys and values.
+- with AMX (Intel Xeon), oneDNN's products read bf16 weights below the bandwidth with 1-4 rows (50-80 % of it in
+  run J) and its AMX GEMM is the faster from 5 rows on; PyTorch's int8 kernel reads int8 weights at half of it.
 
-So, by CPU:
+So, where the CPU has AVX-512 BF16: `cpu_kernels.cpp`, built on first use (needs a C++ compiler, as
+`torch.compile` does; the build is cached by PyTorch): a few-row product that streams each weight from memory once
+for up to 8 rows (4 with bf16 weights where the CPU has AMX), bf16 weights or int8 ones with a scale per output
+feature for `quantize`'s int8, and a one-query attention that reads each cached key and value once. bf16 weights
+with 5-8 rows take two passes over each block of weight rows, the second while the block is still in the cache
+(`cpu_kernels.cpp`: `small_linear_pass`); int8 weights are multiplied as they are, by the rows in fixed point,
+with AVX-512 VNNI (`cpu_kernels.cpp`: `to_fixed`), which costs less than converting every weight. In a decoding
+step a row's products and attention get the same bits alone and in a batch of up to 8 (left padding included),
+except bf16 products on an AMX CPU, which take oneDNN's GEMM from 5 rows on. The kernels have no backward: what
+autograd follows takes PyTorch's kernels.
 
-- AVX-512 BF16 without AMX: `cpu_kernels.cpp`, built on first use (needs a C++ compiler, as `torch.compile` does;
-  the build is cached by PyTorch): a few-row product that streams each weight from memory once for up to 8 rows
-  (bf16 weights, and int8 ones with a scale per output feature for `quantize`'s int8), and a one-query attention
-  that reads each cached key and value once. bf16 weights with 5-8 rows take two passes over each block of weight
-  rows, the second while the block is still in the cache (`cpu_kernels.cpp`: `small_linear_pass`). Their speeds
-  against PyTorch's: docs/performance.md, Run G and Run H. In a decoding step, a row's products and attention get
-  the same bits alone and in a batch of up to 8 (left padding included). They have no backward: what autograd
-  follows takes PyTorch's kernels.
-- AMX: one-row products through oneDNN's `torch.mv`; other products and attention are PyTorch's.
-- Elsewhere (or where the kernels can't be built, or `OPENOWL_CPU_KERNELS=0`): one-row products through PyTorch's
-  own `torch.mv` (oneDNN switched off for the call); other products and attention are PyTorch's.
+Elsewhere (or where the kernels can't be built, or `OPENOWL_CPU_KERNELS=0`): one-row products through `torch.mv`,
+oneDNN's where the CPU has AMX and PyTorch's own otherwise; other products and attention are PyTorch's.
 """
 
 from __future__ import annotations
@@ -39,10 +39,30 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # beyond one pass of the kernel's rows over the weight, oneDNN's GEMM is the faster
+AMX_BF16_ROWS = 4  # with AMX, oneDNN's AMX GEMM reads bf16 weights faster than the kernel from 5 rows on
+PACK_ROWS = 128  # the row count oneDNN lays packed weights out for: about an image's tokens, or a prompt's
 ATTENTION = "openowl_decode"  # the name the one-query attention is registered under with transformers
 
 
-class DecodeLinear(nn.Linear):
+class _PackedCopy:
+    """Copying or pickling a Linear with a packed weight (`pack_weights`): oneDNN's packed tensor can't be copied,
+    so the copy packs its own weight again."""
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        packed = state.pop("_packed", None)
+        if packed is not None:
+            state["_pack_rows"] = packed[3]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        rows = state.pop("_pack_rows", None)
+        super().__setstate__(state)
+        if rows is not None:
+            pack_weights(self, rows)
+
+
+class DecodeLinear(_PackedCopy, nn.Linear):
     """An `nn.Linear` whose few-row products on the CPU run on the decoding kernels; the same parameters and state
     dict."""
 
@@ -50,8 +70,10 @@ class DecodeLinear(nn.Linear):
         if x.device.type != "cpu" or is_tensor_subclass(self.weight) or _needs_grad(x, self.weight):
             return super().forward(x)  # (DecodeLinears only exist outside torch.compile: `Engine`)
         rows = x.numel() // x.shape[-1]
-        if rows <= MAX_ROWS and fits_small_linear(self.weight, x):
+        if rows <= bf16_rows() and fits_small_linear(self.weight, x):
             y = torch.ops.openowl.small_linear(x.reshape(rows, -1).contiguous(), self.weight)
+        elif (packed := packed_product(self, x)) is not None:
+            return packed
         elif rows == 1:
             y = matvec(self.weight, x.reshape(-1))
         else:
@@ -59,6 +81,80 @@ class DecodeLinear(nn.Linear):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], -1)
+
+
+class PackedLinear(_PackedCopy, nn.Linear):
+    """An `nn.Linear` whose products run through oneDNN's GEMM on a copy of its weight laid out for it once
+    (`pack_weights`), where oneDNN would otherwise lay the weight out again at every call; the same parameters
+    and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = packed_product(self, x)
+        return super().forward(x) if packed is None else packed
+
+
+def can_pack() -> bool:
+    """Whether `pack_weights` applies here: a CPU with AMX (where it was measured: docs/performance.md, Run J),
+    PyTorch's oneDNN switched on, and `OPENOWL_PACK_WEIGHTS` not 0."""
+    return (
+        has_amx() and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        and os.environ.get("OPENOWL_PACK_WEIGHTS", "1") != "0"
+    )  # fmt: skip
+
+
+def pack_weights(module: nn.Module, rows: int = PACK_ROWS) -> int:
+    """Give every bf16 Linear of `module` (plain, or a `DecodeLinear`) a copy of its weight packed for oneDNN's
+    GEMM with about `rows` rows, in place; plain ones become `PackedLinear`s. Returns how many. The copies cost the
+    weights' memory once more. Left as they are: weights on another device or in another dtype, quantized ones,
+    and the parts of a fused projection (their weights are views of the fused one, whose product runs instead).
+    A packed copy is dropped, and PyTorch's product runs, once the weight has been changed or replaced."""
+    count = 0
+    for m in module.modules():
+        if type(m) not in (nn.Linear, DecodeLinear, PackedLinear) or m.weight.device.type != "cpu":
+            continue
+        weight = m.weight.detach()
+        part = weight.untyped_storage().nbytes() != weight.numel() * weight.element_size()  # a view of a fused one
+        if weight.dtype != torch.bfloat16 or is_tensor_subclass(m.weight) or part:
+            continue
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        m.__dict__["_packed"] = (weight.data_ptr(), m.weight._version, packed, rows)
+        if type(m) is nn.Linear:
+            m.__class__ = PackedLinear
+        count += 1
+    return count
+
+
+def unpack_weights(module: nn.Module) -> int:
+    """Undo `pack_weights`. Returns how many Linears held a packed copy."""
+    count = 0
+    for m in module.modules():
+        if m.__dict__.pop("_packed", None) is not None:
+            count += 1
+        if type(m) is PackedLinear:
+            m.__class__ = nn.Linear
+    return count
+
+
+def packed_product(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """`module(x)` on the module's packed weight, or None where that doesn't apply: no packed copy (or one of a
+    weight changed since), another dtype or device, something for autograd to follow, `torch.compile`."""
+    packed = module.__dict__.get("_packed")
+    if (
+        packed is None or x.device.type != "cpu" or x.dtype != module.weight.dtype
+        or _needs_grad(x, module.weight) or torch.compiler.is_compiling()
+    ):  # fmt: skip
+        return None
+    ptr, version, weight, _ = packed
+    if module.weight.data_ptr() != ptr or module.weight._version != version:  # loaded into, or replaced
+        del module.__dict__["_packed"]
+        return None
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, module.bias, "none", [], "")
+    return y.view(*x.shape[:-1], -1)
+
+
+def bf16_rows() -> int:
+    """The most rows a product with bf16 weights takes on `small_linear` on this CPU."""
+    return AMX_BF16_ROWS if has_amx() else MAX_ROWS
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -125,12 +221,12 @@ def _fits_mask(mask: torch.Tensor, key: torch.Tensor) -> bool:
 @functools.cache
 def cpu_kernels() -> bool:
     """Build (once per source version, cached by PyTorch) and load `cpu_kernels.cpp`. False where they don't apply:
-    a CPU without AVX-512 BF16 or with AMX, `OPENOWL_CPU_KERNELS=0`, or no working C++ compiler (logged)."""
-    if os.environ.get("OPENOWL_CPU_KERNELS", "1") == "0" or has_amx() or not has_avx512_bf16():
+    a CPU without AVX-512 BF16, `OPENOWL_CPU_KERNELS=0`, or no working C++ compiler (logged)."""
+    if os.environ.get("OPENOWL_CPU_KERNELS", "1") == "0" or not has_avx512_bf16():
         return False
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
     try:
         load(
             name="openowl_cpu_kernels", sources=[str(Path(__file__).with_name("cpu_kernels.cpp"))],
@@ -144,8 +240,15 @@ def cpu_kernels() -> bool:
 
 def kernel_choice() -> str:
     """Which kernels the eager engine decodes with on this CPU, in words."""
+    int8 = "int8 weights on VNNI in fixed point" if has_avx512_vnni() else "int8 weights converted to bf16"
+    if cpu_kernels() and has_amx():
+        packed = "; vision side on packed weights" if can_pack() else ""
+        return (
+            f"openowl's AVX-512 kernels for 1-{AMX_BF16_ROWS} bf16 rows and 1-{MAX_ROWS} int8 rows ({int8}), "
+            f"oneDNN's AMX GEMM beyond; openowl's one-query attention{packed}"
+        )
     if cpu_kernels():
-        return "openowl's AVX-512 BF16 kernels (few-row products, one-query attention)"
+        return f"openowl's AVX-512 BF16 kernels (1-{MAX_ROWS} rows, {int8}; one-query attention)"
     if has_amx():
         return "oneDNN torch.mv for one row (AMX); PyTorch's GEMM and attention"
     return "PyTorch torch.mv for one row; PyTorch's GEMM and attention"
@@ -155,6 +258,15 @@ def kernel_choice() -> str:
 def has_amx() -> bool:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(amx is not None and amx())
+
+
+@functools.cache
+def has_avx512_vnni() -> bool:
+    """As `cpu_kernels.cpp` decides between its two int8 paths (the CPU's own answer; PyTorch has no probe for it)."""
+    try:
+        return " avx512_vnni " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
 
 
 @functools.cache

@@ -5,6 +5,8 @@
 2. fused q/k/v and gate/up projections (`fuse.py`; the state dict keeps the released keys);
 3. the CPU's decoding kernels (`kernels.py`, chosen by the CPU's kind), or PyTorch's stock kernels under
    `torch.compile`, whose inductor brings GEMMs of its own;
+4. on a CPU with AMX, the vision side's bf16 weights packed once for oneDNN's GEMM (`kernels.pack_weights`: an
+   image is hundreds of rows, and the vision side never decodes), at the cost of those weights' memory again;
 and returns the decode step the engine runs: eager, or compiled with static KV caches. `Engine` itself never
 changes its model; `load_engine` is the one place that goes from a model name to a ready engine.
 """
@@ -23,7 +25,13 @@ from openowl.constants import as_dtype
 from openowl.infer.engine import Engine
 from openowl.infer.fuse import fuse_projections
 from openowl.infer.generate import EAGER_STEP, DecodeStep, decode_one_token
-from openowl.infer.kernels import is_tensor_subclass, use_decode_kernels, use_stock_kernels
+from openowl.infer.kernels import (
+    can_pack,
+    is_tensor_subclass,
+    pack_weights,
+    use_decode_kernels,
+    use_stock_kernels,
+)
 from openowl.infer.quantize import quantize as quantize_weights
 from openowl.model.owl import OwlForConditionalGeneration
 
@@ -46,6 +54,9 @@ def prepare_for_inference(
     fuse_projections(model.language_model)  # one product for q/k/v and one for gate/up
     if model.device.type == "cpu":  # under torch.compile, inductor's own GEMMs and PyTorch's attention
         (use_stock_kernels if compile else use_decode_kernels)(model.language_model)
+    if model.device.type == "cpu" and can_pack():  # the vision side runs eagerly either way
+        pack_weights(model.vision_model)
+        pack_weights(model.abstractor)
     return DecodeStep(compiled_decode(model), static_cache=True) if compile else EAGER_STEP
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,8 +83,9 @@ class Int8WeightOnlyLinear(nn.Module):
     On a CPU, up to 8 bf16 rows run openowl's int8 kernel where the CPU has it (`kernels.py`: it reads each int8
     weight once for all the rows). Otherwise, up to 16 rows run PyTorch's int8 kernel (`_weight_int8pack_mm`, which
     reads the int8 weight as it is, where torchao's eager path dequantizes every weight at every call); more rows
-    dequantize the weight and use the float GEMM. Under `torch.compile` with frozen weights, inductor rewrites both
-    of PyTorch's paths into its own pre-packed int8 GEMM.
+    dequantize the weight (into a buffer each thread reuses: `dequantized`) and use the float GEMM. Under
+    `torch.compile` with frozen weights, inductor rewrites both of PyTorch's paths into its own pre-packed int8
+    GEMM.
 
     On CUDA, up to 8 rows under `torch.compile` (decoding) are a sum of products over the input features, which
     inductor can fuse with the conversion into one kernel over the int8 weight; a matmul would first write the weight
@@ -102,7 +105,7 @@ class Int8WeightOnlyLinear(nn.Module):
         if x.device.type == "cuda" and rows.shape[0] <= MAX_ROWS and torch.compiler.is_compiling():
             y = int8_product_sum(rows, self.weight, self.scale)
         elif x.device.type != "cpu" or rows.shape[0] > 16:
-            y = F.linear(rows, self.weight.to(x.dtype)) * self.scale
+            y = F.linear(rows, dequantized(self.weight, x.dtype, keep=_needs_grad(rows))) * self.scale
         elif rows.shape[0] <= MAX_ROWS and self.scale.dtype == x.dtype and fits_small_linear(self.weight, x):
             y = torch.ops.openowl.small_linear_int8(rows.contiguous(), self.weight, self.scale)
         else:
@@ -112,6 +115,26 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+_scratch = threading.local()
+
+
+def dequantized(weight: torch.Tensor, dtype: torch.dtype, keep: bool = False) -> torch.Tensor:
+    """`weight.to(dtype)`; on a CPU, in a buffer that this thread reuses from call to call. A new tensor per call
+    would be new memory every time, which the OS hands over page by page (a prefill through the 1.26 B LM's int8
+    weights took 1.9x as long: docs/performance.md, Run J). `keep`: the result outlives the call (autograd saves it),
+    or `torch.compile` traces it: a tensor of its own."""
+    if weight.device.type != "cpu" or keep or torch.compiler.is_compiling():
+        return weight.to(dtype)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < weight.numel():
+        buffer = _scratch.buffer = torch.empty(weight.numel(), dtype=dtype)
+    return buffer[: weight.numel()].view(weight.shape).copy_(weight)
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def int8_product_sum(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
