@@ -120,12 +120,10 @@ _STOCK = {FusedLlamaAttention: LlamaAttention, FusedLlamaMLP: LlamaMLP}
 
 
 def _fusable(*parts: nn.Module) -> bool:
-    """Plain Linears, or `quantize`'s int8 Linears (weights, scales and biases side by side), alike in all but their
-    output widths."""
-    from openowl.infer.quantize import Int8WeightOnlyLinear
-
+    """Plain Linears, or Linears that build their fused selves (`fused_from`: `quantize`'s int8 ones, whose scales
+    go side by side too), alike in all but their output widths."""
     first = parts[0]
-    return type(first) in (nn.Linear, Int8WeightOnlyLinear) and all(
+    return (type(first) is nn.Linear or hasattr(type(first), "fused_from")) and all(
         type(p) is type(first) and not hasattr(p, "_hf_hook") and not is_tensor_subclass(p.weight)
         and p.weight.device.type != "meta" and p.weight.device == first.weight.device
         and p.weight.dtype == first.weight.dtype and p.in_features == first.in_features
@@ -169,11 +167,9 @@ def _fuse(owner: nn.Module, names: tuple[str, ...], fused_name: str) -> None:
 
 
 def _fused_like(part: nn.Module, values: dict[str, torch.Tensor], grad: bool) -> nn.Module:
-    """A module of the part's kind over the fused values (`grad`: a Linear's parameters require grad)."""
-    from openowl.infer.quantize import Int8WeightOnlyLinear
-
-    if type(part) is Int8WeightOnlyLinear:
-        return Int8WeightOnlyLinear(values["weight"], values["scale"], values.get("bias"))
+    """A module of the part's kind over the fused values (`grad`: a plain Linear's parameters require grad)."""
+    if type(part) is not nn.Linear:
+        return type(part).fused_from(values)
     weight, bias = values["weight"], values.get("bias")
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=grad)

@@ -113,6 +113,11 @@ class Int8WeightOnlyLinear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    @classmethod
+    def fused_from(cls, values: dict[str, torch.Tensor]) -> Int8WeightOnlyLinear:
+        """One Linear over the parts' weights, scales and biases side by side (`fuse.py`)."""
+        return cls(values["weight"], values["scale"], values.get("bias"))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
