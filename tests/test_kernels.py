@@ -128,6 +128,22 @@ def test_int8_fixed_point_keeps_small_values_next_to_an_outlier_and_carries_inf_
 
 
 @needs_kernels
+@pytest.mark.skipif(not (kernels.has_amx() and kernels.has_avx512_vnni()), reason="AMX-INT8 tiles (an AMX CPU)")
+def test_int8_amx_tiles_give_the_bits_of_the_vnni_path(monkeypatch):
+    """The fixed-point product on AMX tiles sums the same integers as on AVX-512 VNNI: the same bits for every row
+    count, weight rows in blocks of 64 and 32 and a last partial block, and -128 weights."""
+    torch.manual_seed(0)
+    w = torch.randint(-128, 128, (336, 2048), dtype=torch.int8)
+    scale = (torch.rand(336) / 500).to(torch.bfloat16)
+    for rows in range(1, 9):
+        x = torch.randn(rows, 2048, dtype=torch.bfloat16)
+        monkeypatch.setenv("OPENOWL_INT8_AMX_ROWS", "9")  # never
+        vnni = torch.ops.openowl.small_linear_int8(x, w, scale)
+        monkeypatch.setenv("OPENOWL_INT8_AMX_ROWS", "1")  # always
+        assert torch.equal(torch.ops.openowl.small_linear_int8(x, w, scale), vnni)
+
+
+@needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
 def test_small_linear_gives_a_row_the_same_bits_alone_and_in_a_batch(int8):
     torch.manual_seed(0)

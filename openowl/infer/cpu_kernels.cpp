@@ -17,10 +17,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -251,9 +256,135 @@ void fixed_pass(const FixedRows& rows, int64_t m0, const int8_t* w, const bf16* 
 
 bool has_vnni() { return __builtin_cpu_supports("avx512vnni"); }
 
+// The same fixed-point product on AMX-INT8 tiles, for 5-8 rows (`OPENOWL_INT8_AMX_ROWS` moves the bound; tests
+// compare the two paths): 16 weight rows x 64 inputs, as stored, are the tiles' signed operand; the rows' digits
+// (and a column of ones, for sum_k w_k) are the unsigned one, 16 columns of 4 consecutive inputs per tile, laid out
+// once per call. One tile product does the work of 16 x 16 vpdpbusd, so 8 rows read the weights as fast as one
+// does here, where the AVX-512 path slows down with every row (measured: docs/performance.md, Run J). The integer
+// sums are those of the AVX-512 path, and so are the results, bit for bit.
+constexpr int kInt8AmxRows = 5;  // 1-4 rows stream as fast or faster on AVX-512 (docs/performance.md, Run J)
+// Compilers that know AMX (the tiles' code is left out of older ones, which then run the AVX-512 path).
+#if defined(__clang__)
+#define OPENOWL_AMX_CODE (__clang_major__ >= 12)
+#else
+#define OPENOWL_AMX_CODE (__GNUC__ >= 11)
+#endif
+#if OPENOWL_AMX_CODE
+#define OPENOWL_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
+
+bool has_amx_int8() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;  // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA (Linux)
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+OPENOWL_AMX void configure_tiles() {  // 8 tiles of 16 rows x 64 bytes, for this thread
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// The digits of rows [m0, m0 + M) as B tiles: per 64 inputs and tile, 16 rows (groups of 4 inputs) x 16 columns
+// (row m's digit j in column 3m + j, ones in the last column used, zeros after). -> (tiles, K / 64, 16, 16) uint32
+std::vector<uint32_t> digit_tiles(const FixedRows& rows, int64_t m0, int M, int64_t K, int tiles) {
+  std::vector<uint32_t> b(static_cast<size_t>(tiles) * K / 4 * 16, 0);
+  const int64_t groups = K / 4;
+  for (int col = 0; col <= 3 * M; ++col) {
+    uint32_t* dst = b.data() + (col / 16) * groups * 16 + col % 16;
+    if (col == 3 * M) {
+      for (int64_t g = 0; g < groups; ++g) dst[g * 16] = 0x01010101u;
+      continue;
+    }
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(rows.digits.data() + ((m0 + col / 3) * kDigits + col % 3) * K);
+    for (int64_t g = 0; g < groups; ++g) dst[g * 16] = src[g];
+  }
+  return b;
+}
+
+void finish_fixed(const int32_t* c, const FixedRows& rows, int64_t m0, int M, const bf16* scale, int64_t n, int64_t N,
+                  bf16* out) {  // c: one weight row's 16 or 32 columns of sums
+  const int64_t weight_sum = c[3 * M];
+  const double s = static_cast<double>(static_cast<float>(scale[n]));
+  for (int m = 0; m < M; ++m) {
+    int64_t total = -static_cast<int64_t>(kOffset) * weight_sum;
+    for (int j = 0; j < kDigits; ++j) total += static_cast<int64_t>(c[3 * m + j]) << (8 * j);
+    out[(m0 + m) * N + n] = bf16(static_cast<float>(static_cast<double>(total) * rows.unit[m0 + m] * s));
+  }
+}
+
+// Weight rows [n0, n1) (a multiple of 16 apart) against T digit tiles: T = 1, 4 weight tiles at a time; T = 2, two.
+template <int T>
+OPENOWL_AMX void amx_fixed_rows(const FixedRows& rows, int64_t m0, int M, const uint32_t* b, const int8_t* w,
+                                const bf16* scale, bf16* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  configure_tiles();
+  constexpr int per = T == 1 ? 4 : 2;  // weight tiles per step: per x T sums in tiles 0-3
+  const int64_t groups = K / 4;
+  alignas(64) int32_t c[4][16][16];
+  for (int64_t n = n0; n < n1; n += 16 * per) {
+    const int count = static_cast<int>(std::min<int64_t>(per, (n1 - n) / 16));
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += 64) {
+      const int8_t* a = w + n * K + k;
+      _tile_loadd(6, b + (k / 4) * 16, 64);
+      if constexpr (T == 2) _tile_loadd(7, b + groups * 16 + (k / 4) * 16, 64);
+      for (int r = 0; r < 16 * count; ++r) _mm_prefetch(reinterpret_cast<const char*>(a + r * K + 256), _MM_HINT_T0);
+      if constexpr (T == 1) {
+        _tile_loadd(4, a, K);
+        _tile_dpbsud(0, 4, 6);
+        if (count > 1) { _tile_loadd(5, a + 16 * K, K); _tile_dpbsud(1, 5, 6); }
+        if (count > 2) { _tile_loadd(4, a + 32 * K, K); _tile_dpbsud(2, 4, 6); }
+        if (count > 3) { _tile_loadd(5, a + 48 * K, K); _tile_dpbsud(3, 5, 6); }
+      } else {
+        _tile_loadd(4, a, K);
+        _tile_dpbsud(0, 4, 6);
+        _tile_dpbsud(1, 4, 7);
+        if (count > 1) { _tile_loadd(5, a + 16 * K, K); _tile_dpbsud(2, 5, 6); _tile_dpbsud(3, 5, 7); }
+      }
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    for (int i = 0; i < count; ++i)
+      for (int r = 0; r < 16; ++r) {
+        alignas(64) int32_t cols[32];
+        if constexpr (T == 1) {
+          std::memcpy(cols, c[i][r], 64);
+        } else {
+          std::memcpy(cols, c[2 * i][r], 64);
+          std::memcpy(cols + 16, c[2 * i + 1][r], 64);
+        }
+        finish_fixed(cols, rows, m0, M, scale, n + i * 16 + r, N, out);
+      }
+  }
+  _tile_release();
+}
+
+#else
+bool has_amx_int8() { return false; }
+#endif
+
 // Weight-only int8: x @ w^T * scale, one bf16 scale per output feature. The fixed-point path where the CPU has
-// AVX-512 VNNI and the inner size is a multiple of 64; otherwise (or for rows with inf / NaN) each weight is
-// converted to bf16.
+// AVX-512 VNNI and the inner size is a multiple of 64 (on AMX tiles for 5-8 rows, the outputs a multiple of 16
+// and the inner size at most 65536, so that int32 sums stay exact); otherwise (or for rows with inf / NaN) each
+// weight is converted to bf16.
 at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   check_small_linear(x, w);
   TORCH_CHECK(w.scalar_type() == at::kChar, "small_linear_int8: int8 weights only");
@@ -269,6 +400,20 @@ at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& w, const at:
   const int8_t* wp = w.data_ptr<int8_t>();
   const bf16* sp = scale.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
+  const char* amx_env = std::getenv("OPENOWL_INT8_AMX_ROWS");  // from how many rows the tiles run (9: never)
+  const int amx_from = amx_env ? std::atoi(amx_env) : kInt8AmxRows;
+#if OPENOWL_AMX_CODE
+  if (M >= amx_from && M <= kMaxRows && N % 16 == 0 && K <= 65536 && has_amx_int8()) {
+    const int T = 3 * M + 1 <= 16 ? 1 : 2, block = T == 1 ? 64 : 32;
+    const std::vector<uint32_t> b = digit_tiles(rows, 0, static_cast<int>(M), K, T);
+    at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * block, n1 = std::min(N, b1 * block);
+      if (T == 1) amx_fixed_rows<1>(rows, 0, static_cast<int>(M), b.data(), wp, sp, op, K, N, n0, n1);
+      else amx_fixed_rows<2>(rows, 0, static_cast<int>(M), b.data(), wp, sp, op, K, N, n0, n1);
+    });
+    return out;
+  }
+#endif
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     switch (std::min(kMaxRows, M - m0)) {
       case 1: fixed_pass<1>(rows, m0, wp, sp, op, K, N); break;

@@ -17,7 +17,8 @@ for up to 8 rows (4 with bf16 weights where the CPU has AMX), bf16 weights or in
 feature for `quantize`'s int8, and a one-query attention that reads each cached key and value once. bf16 weights
 with 5-8 rows take two passes over each block of weight rows, the second while the block is still in the cache
 (`cpu_kernels.cpp`: `small_linear_pass`); int8 weights are multiplied as they are, by the rows in fixed point,
-with AVX-512 VNNI (`cpu_kernels.cpp`: `to_fixed`), which costs less than converting every weight. In a decoding
+with AVX-512 VNNI (`cpu_kernels.cpp`: `to_fixed`), which costs less than converting every weight, or for 5-8
+rows on AMX-INT8 tiles where the CPU has them (the same sums). In a decoding
 step a row's products and attention get the same bits alone and in a batch of up to 8 (left padding included),
 except bf16 products on an AMX CPU, which take oneDNN's GEMM from 5 rows on. The kernels have no backward: what
 autograd follows takes PyTorch's kernels.
@@ -244,8 +245,8 @@ def kernel_choice() -> str:
     if cpu_kernels() and has_amx():
         packed = "; vision side on packed weights" if can_pack() else ""
         return (
-            f"openowl's AVX-512 kernels for 1-{AMX_BF16_ROWS} bf16 rows and 1-{MAX_ROWS} int8 rows ({int8}), "
-            f"oneDNN's AMX GEMM beyond; openowl's one-query attention{packed}"
+            f"openowl's AVX-512 kernels for 1-{AMX_BF16_ROWS} bf16 rows and 1-{MAX_ROWS} int8 rows ({int8}; "
+            f"5-{MAX_ROWS} rows on AMX-INT8 tiles), oneDNN's AMX GEMM beyond; openowl's one-query attention{packed}"
         )
     if cpu_kernels():
         return f"openowl's AVX-512 BF16 kernels (1-{MAX_ROWS} rows, {int8}; one-query attention)"
