@@ -367,7 +367,7 @@ def test_packed_weights_give_the_linear_result_and_go_once_the_weight_changes():
 
 
 @needs_onednn_bf16
-def test_packing_leaves_fused_parts_other_dtypes_and_autograd_alone():
+def test_packing_leaves_fused_parts_other_dtypes_inference_tensors_and_autograd_alone():
     from openowl.infer.fuse import fuse_projections
 
     torch.manual_seed(0)
@@ -377,6 +377,9 @@ def test_packing_leaves_fused_parts_other_dtypes_and_autograd_alone():
     layers = lm.config.num_hidden_layers
     assert kernels.pack_weights(lm) == 4 * layers + 1  # q/k/v, o, gate/up, down and the head; not the parts
     assert kernels.pack_weights(torch.nn.Linear(8, 8)) == 0  # float32
+    with torch.inference_mode():  # no version counter to tell a changed weight by
+        made_in_inference_mode = torch.nn.Linear(64, 8, dtype=torch.bfloat16)
+    assert kernels.pack_weights(made_in_inference_mode) == 0
     layer = torch.nn.Linear(64, 8, dtype=torch.bfloat16)
     kernels.pack_weights(layer)
     x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)

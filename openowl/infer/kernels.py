@@ -115,8 +115,8 @@ def pack_weights(module: nn.Module, rows: int = PACK_ROWS) -> int:
             continue
         weight = m.weight.detach()
         part = weight.untyped_storage().nbytes() != weight.numel() * weight.element_size()  # a view of a fused one
-        if weight.dtype != torch.bfloat16 or is_tensor_subclass(m.weight) or part:
-            continue
+        if weight.dtype != torch.bfloat16 or is_tensor_subclass(m.weight) or part or m.weight.is_inference():
+            continue  # (an inference-mode tensor keeps no version to tell a changed weight by)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         m.__dict__["_packed"] = (weight.data_ptr(), m.weight._version, packed, rows)
         if type(m) is nn.Linear:
