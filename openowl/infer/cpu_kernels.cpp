@@ -195,6 +195,14 @@ bool to_fixed(const bf16* x, int64_t M, int64_t K, FixedRows& rows) {
   return true;
 }
 
+// One output from a row's digit sums (sum_k w_k U_jk for each digit j) and sum_k w_k: the exact integer sum, scaled
+// once in double, rounded once to bf16.
+inline bf16 fixed_result(const int64_t (&sums)[kDigits], int64_t weight_sum, double unit, const bf16 scale) {
+  int64_t total = -static_cast<int64_t>(kOffset) * weight_sum;
+  for (int j = 0; j < kDigits; ++j) total += sums[j] << (8 * j);
+  return bf16(static_cast<float>(static_cast<double>(total) * unit * static_cast<double>(static_cast<float>(scale))));
+}
+
 // out[m, n] for the M rows' digits and the weight rows [n0, n1), R weight rows at a time.
 template <int M, int R>
 void fixed_rows_times_int8(const FixedRows& rows, int64_t m0, const int8_t* w, const bf16* scale, bf16* out,
@@ -224,11 +232,10 @@ void fixed_rows_times_int8(const FixedRows& rows, int64_t m0, const int8_t* w, c
     }
     for (int r = 0; r < R; ++r) {
       const int64_t weight_sum = _mm512_reduce_add_epi32(sum[r]);
-      const double s = static_cast<double>(static_cast<float>(scale[n + r]));
       for (int m = 0; m < M; ++m) {
-        int64_t total = -static_cast<int64_t>(kOffset) * weight_sum;
-        for (int j = 0; j < kDigits; ++j) total += static_cast<int64_t>(_mm512_reduce_add_epi32(acc[r][m][j])) << (8 * j);
-        out[m * N + n + r] = bf16(static_cast<float>(static_cast<double>(total) * rows.unit[m0 + m] * s));
+        int64_t sums[kDigits];
+        for (int j = 0; j < kDigits; ++j) sums[j] = _mm512_reduce_add_epi32(acc[r][m][j]);
+        out[m * N + n + r] = fixed_result(sums, weight_sum, rows.unit[m0 + m], scale[n + r]);
       }
     }
   }
@@ -298,9 +305,9 @@ OPENOWL_AMX void configure_tiles() {  // 8 tiles of 16 rows x 64 bytes, for this
   _tile_loadconfig(&cfg);
 }
 
-// The digits of rows [m0, m0 + M) as B tiles: per 64 inputs and tile, 16 rows (groups of 4 inputs) x 16 columns
+// The digits of the M rows as B tiles: per 64 inputs and tile, 16 rows (groups of 4 inputs) x 16 columns
 // (row m's digit j in column 3m + j, ones in the last column used, zeros after). -> (tiles, K / 64, 16, 16) uint32
-std::vector<uint32_t> digit_tiles(const FixedRows& rows, int64_t m0, int M, int64_t K, int tiles) {
+std::vector<uint32_t> digit_tiles(const FixedRows& rows, int M, int64_t K, int tiles) {
   std::vector<uint32_t> b(static_cast<size_t>(tiles) * K / 4 * 16, 0);
   const int64_t groups = K / 4;
   for (int col = 0; col <= 3 * M; ++col) {
@@ -309,26 +316,24 @@ std::vector<uint32_t> digit_tiles(const FixedRows& rows, int64_t m0, int M, int6
       for (int64_t g = 0; g < groups; ++g) dst[g * 16] = 0x01010101u;
       continue;
     }
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(rows.digits.data() + ((m0 + col / 3) * kDigits + col % 3) * K);
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(rows.digits.data() + ((col / 3) * kDigits + col % 3) * K);
     for (int64_t g = 0; g < groups; ++g) dst[g * 16] = src[g];
   }
   return b;
 }
 
-void finish_fixed(const int32_t* c, const FixedRows& rows, int64_t m0, int M, const bf16* scale, int64_t n, int64_t N,
+void finish_fixed(const int32_t* c, const FixedRows& rows, int M, const bf16* scale, int64_t n, int64_t N,
                   bf16* out) {  // c: one weight row's 16 or 32 columns of sums
-  const int64_t weight_sum = c[3 * M];
-  const double s = static_cast<double>(static_cast<float>(scale[n]));
   for (int m = 0; m < M; ++m) {
-    int64_t total = -static_cast<int64_t>(kOffset) * weight_sum;
-    for (int j = 0; j < kDigits; ++j) total += static_cast<int64_t>(c[3 * m + j]) << (8 * j);
-    out[(m0 + m) * N + n] = bf16(static_cast<float>(static_cast<double>(total) * rows.unit[m0 + m] * s));
+    int64_t sums[kDigits];
+    for (int j = 0; j < kDigits; ++j) sums[j] = c[3 * m + j];
+    out[m * N + n] = fixed_result(sums, c[3 * M], rows.unit[m], scale[n]);
   }
 }
 
 // Weight rows [n0, n1) (a multiple of 16 apart) against T digit tiles: T = 1, 4 weight tiles at a time; T = 2, two.
 template <int T>
-OPENOWL_AMX void amx_fixed_rows(const FixedRows& rows, int64_t m0, int M, const uint32_t* b, const int8_t* w,
+OPENOWL_AMX void amx_fixed_rows(const FixedRows& rows, int M, const uint32_t* b, const int8_t* w,
                                 const bf16* scale, bf16* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   configure_tiles();
   constexpr int per = T == 1 ? 4 : 2;  // weight tiles per step: per x T sums in tiles 0-3
@@ -371,7 +376,7 @@ OPENOWL_AMX void amx_fixed_rows(const FixedRows& rows, int64_t m0, int M, const 
           std::memcpy(cols, c[2 * i][r], 64);
           std::memcpy(cols + 16, c[2 * i + 1][r], 64);
         }
-        finish_fixed(cols, rows, m0, M, scale, n + i * 16 + r, N, out);
+        finish_fixed(cols, rows, M, scale, n + i * 16 + r, N, out);
       }
   }
   _tile_release();
@@ -400,16 +405,16 @@ at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& w, const at:
   const int8_t* wp = w.data_ptr<int8_t>();
   const bf16* sp = scale.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
+#if OPENOWL_AMX_CODE
   const char* amx_env = std::getenv("OPENOWL_INT8_AMX_ROWS");  // from how many rows the tiles run (9: never)
   const int amx_from = amx_env ? std::atoi(amx_env) : kInt8AmxRows;
-#if OPENOWL_AMX_CODE
   if (M >= amx_from && M <= kMaxRows && N % 16 == 0 && K <= 65536 && has_amx_int8()) {
-    const int T = 3 * M + 1 <= 16 ? 1 : 2, block = T == 1 ? 64 : 32;
-    const std::vector<uint32_t> b = digit_tiles(rows, 0, static_cast<int>(M), K, T);
+    const int m = static_cast<int>(M), T = 3 * m + 1 <= 16 ? 1 : 2, block = T == 1 ? 64 : 32;
+    const std::vector<uint32_t> b = digit_tiles(rows, m, K, T);
     at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
       const int64_t n0 = b0 * block, n1 = std::min(N, b1 * block);
-      if (T == 1) amx_fixed_rows<1>(rows, 0, static_cast<int>(M), b.data(), wp, sp, op, K, N, n0, n1);
-      else amx_fixed_rows<2>(rows, 0, static_cast<int>(M), b.data(), wp, sp, op, K, N, n0, n1);
+      if (T == 1) amx_fixed_rows<1>(rows, m, b.data(), wp, sp, op, K, N, n0, n1);
+      else amx_fixed_rows<2>(rows, m, b.data(), wp, sp, op, K, N, n0, n1);
     });
     return out;
   }

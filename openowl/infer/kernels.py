@@ -45,9 +45,33 @@ PACK_ROWS = 128  # the row count oneDNN lays packed weights out for: about an im
 ATTENTION = "openowl_decode"  # the name the one-query attention is registered under with transformers
 
 
-class _PackedCopy:
-    """Copying or pickling a Linear with a packed weight (`pack_weights`): oneDNN's packed tensor can't be copied,
-    so the copy packs its own weight again."""
+class DecodeLinear(nn.Linear):
+    """An `nn.Linear` whose few-row products on the CPU run on the decoding kernels; the same parameters and state
+    dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or is_tensor_subclass(self.weight) or needs_grad(x, self.weight):
+            return super().forward(x)  # (DecodeLinears only exist outside torch.compile: `Engine`)
+        rows = x.numel() // x.shape[-1]
+        if rows <= bf16_rows() and fits_small_linear(self.weight, x):
+            y = torch.ops.openowl.small_linear(x.reshape(rows, -1).contiguous(), self.weight)
+        elif rows == 1:
+            y = matvec(self.weight, x.reshape(-1))
+        else:
+            return super().forward(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+class PackedLinear(nn.Linear):
+    """An `nn.Linear` whose products run through oneDNN's GEMM on a copy of its weight laid out for it once
+    (`pack_weights`), where oneDNN would otherwise lay the weight out again at every call; the same parameters
+    and state dict. oneDNN's packed tensor can't be copied or pickled: a copy packs its own weight again."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = packed_product(self, x)
+        return super().forward(x) if packed is None else packed
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -63,37 +87,6 @@ class _PackedCopy:
             pack_weights(self, rows)
 
 
-class DecodeLinear(_PackedCopy, nn.Linear):
-    """An `nn.Linear` whose few-row products on the CPU run on the decoding kernels; the same parameters and state
-    dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or is_tensor_subclass(self.weight) or _needs_grad(x, self.weight):
-            return super().forward(x)  # (DecodeLinears only exist outside torch.compile: `Engine`)
-        rows = x.numel() // x.shape[-1]
-        if rows <= bf16_rows() and fits_small_linear(self.weight, x):
-            y = torch.ops.openowl.small_linear(x.reshape(rows, -1).contiguous(), self.weight)
-        elif (packed := packed_product(self, x)) is not None:
-            return packed
-        elif rows == 1:
-            y = matvec(self.weight, x.reshape(-1))
-        else:
-            return super().forward(x)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], -1)
-
-
-class PackedLinear(_PackedCopy, nn.Linear):
-    """An `nn.Linear` whose products run through oneDNN's GEMM on a copy of its weight laid out for it once
-    (`pack_weights`), where oneDNN would otherwise lay the weight out again at every call; the same parameters
-    and state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = packed_product(self, x)
-        return super().forward(x) if packed is None else packed
-
-
 def can_pack() -> bool:
     """Whether `pack_weights` applies here: a CPU with AMX (where it was measured: docs/performance.md, Run J),
     PyTorch's oneDNN switched on, and `OPENOWL_PACK_WEIGHTS` not 0."""
@@ -104,14 +97,14 @@ def can_pack() -> bool:
 
 
 def pack_weights(module: nn.Module, rows: int = PACK_ROWS) -> int:
-    """Give every bf16 Linear of `module` (plain, or a `DecodeLinear`) a copy of its weight packed for oneDNN's
-    GEMM with about `rows` rows, in place; plain ones become `PackedLinear`s. Returns how many. The copies cost the
+    """Give every plain bf16 Linear of `module` a copy of its weight packed for oneDNN's GEMM with about `rows` rows,
+    in place: they become `PackedLinear`s. Returns how many. The copies cost the
     weights' memory once more. Left as they are: weights on another device or in another dtype, quantized ones,
     and the parts of a fused projection (their weights are views of the fused one, whose product runs instead).
     A packed copy is dropped, and PyTorch's product runs, once the weight has been changed or replaced."""
     count = 0
     for m in module.modules():
-        if type(m) not in (nn.Linear, DecodeLinear, PackedLinear) or m.weight.device.type != "cpu":
+        if type(m) not in (nn.Linear, PackedLinear) or m.weight.device.type != "cpu":
             continue
         weight = m.weight.detach()
         part = weight.untyped_storage().nbytes() != weight.numel() * weight.element_size()  # a view of a fused one
@@ -142,7 +135,7 @@ def packed_product(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     packed = module.__dict__.get("_packed")
     if (
         packed is None or x.device.type != "cpu" or x.dtype != module.weight.dtype
-        or _needs_grad(x, module.weight) or torch.compiler.is_compiling()
+        or needs_grad(x, module.weight) or torch.compiler.is_compiling()
     ):  # fmt: skip
         return None
     ptr, version, weight, _ = packed
@@ -158,8 +151,8 @@ def bf16_rows() -> int:
     return AMX_BF16_ROWS if has_amx() else MAX_ROWS
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """The kernels have no backward: anything autograd follows takes PyTorch's."""
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd follows a product of these. The kernels have no backward: such products take PyTorch's."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -168,7 +161,7 @@ def fits_small_linear(weight: torch.Tensor, x: torch.Tensor) -> bool:
     multiple of 32, nothing for autograd or `torch.compile` to follow, and kernels on this CPU."""
     return (
         x.dtype == torch.bfloat16 and weight.dtype in (torch.bfloat16, torch.int8) and weight.is_contiguous()
-        and x.shape[-1] % 32 == 0 and not _needs_grad(x, weight) and not torch.compiler.is_compiling()
+        and x.shape[-1] % 32 == 0 and not needs_grad(x, weight) and not torch.compiler.is_compiling()
         and cpu_kernels()
     )  # fmt: skip
 
@@ -204,7 +197,7 @@ def decode_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if (
-        query.shape[2] == 1 and query.device.type == "cpu" and not _needs_grad(query, key, value)
+        query.shape[2] == 1 and query.device.type == "cpu" and not needs_grad(query, key, value)
         and query.dtype == key.dtype == value.dtype == torch.bfloat16 and query.shape[-1] % 32 == 0
         and query.shape[-1] <= 256 and (attention_mask is None or _fits_mask(attention_mask, key))
         and not any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "sliding_window", "sinks"))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openowl.infer.fuse import unfuse_projections
-from openowl.infer.kernels import MAX_ROWS, fits_small_linear
+from openowl.infer.kernels import MAX_ROWS, fits_small_linear, needs_grad
 from openowl.model.owl import OwlForConditionalGeneration
 
 MODES = ("int8", "int4")
@@ -105,7 +105,7 @@ class Int8WeightOnlyLinear(nn.Module):
         if x.device.type == "cuda" and rows.shape[0] <= MAX_ROWS and torch.compiler.is_compiling():
             y = int8_product_sum(rows, self.weight, self.scale)
         elif x.device.type != "cpu" or rows.shape[0] > 16:
-            y = F.linear(rows, dequantized(self.weight, x.dtype, keep=_needs_grad(rows))) * self.scale
+            y = F.linear(rows, dequantized(self.weight, x.dtype, keep=needs_grad(rows))) * self.scale
         elif rows.shape[0] <= MAX_ROWS and self.scale.dtype == x.dtype and fits_small_linear(self.weight, x):
             y = torch.ops.openowl.small_linear_int8(rows.contiguous(), self.weight, self.scale)
         else:
@@ -128,18 +128,14 @@ _scratch = threading.local()
 def dequantized(weight: torch.Tensor, dtype: torch.dtype, keep: bool = False) -> torch.Tensor:
     """`weight.to(dtype)`; on a CPU, in a buffer that this thread reuses from call to call. A new tensor per call
     would be new memory every time, which the OS hands over page by page (a prefill through the 1.26 B LM's int8
-    weights took 1.9x as long: docs/performance.md, Run J). `keep`: the result outlives the call (autograd saves it),
-    or `torch.compile` traces it: a tensor of its own."""
+    weights took 1.7-1.9x as long: docs/performance.md, Run J). `keep`: the result outlives the call (autograd
+    saves it), or `torch.compile` traces it: a tensor of its own."""
     if weight.device.type != "cpu" or keep or torch.compiler.is_compiling():
         return weight.to(dtype)
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < weight.numel():
         buffer = _scratch.buffer = torch.empty(weight.numel(), dtype=dtype)
     return buffer[: weight.numel()].view(weight.shape).copy_(weight)
-
-
-def _needs_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
 
 
 def int8_product_sum(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
