@@ -9,6 +9,7 @@ openowl eval TASK --model PATH_OR_ID [--limit N --batch-size B]     (a benchmark
 openowl train --config CONFIG.yaml [KEY=VALUE ...]                (stage 1, stage 2, full fine-tuning)
 openowl data easy-vqa DIR                                         (owl-small's training files)
 openowl data scenes DIR [--images N]                              (drawn scenes' training files)
+openowl data text-answers DIR [--model M]                         (text-only questions, the LM's own answers)
 openowl data cache-features CONFIG.yaml [KEY=VALUE ...]           (a frozen ViT's outputs, computed once)
 openowl data shards FILE.jsonl OUT/train-{:05d}.tar                (a jsonl file as WebDataset tar shards)
 openowl pack EXPORT [EXPORT ...]                                  (owl-small's shipped trained weights)
@@ -190,11 +191,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_new_tokens is None:
         params = params.with_(max_new_tokens=task.max_new_tokens)
     items = task.load(args.data)[: args.limit]  # read before the model loads: data errors show at once
-    output = args.output or Path("eval_results") / task.name / runner.model_label(args.model)
+    if args.server:
+        from openowl.eval.client import ServerClient
+
+        if args.method == "likelihood":
+            raise ValueError("--method likelihood scores options with a local model's logits; --server can't")
+        served = ServerClient(args.server, args.served_model)
+        make_engine, model, settings = lambda: served, served.model, served.settings()
+    else:
+        make_engine, model, settings = lambda: _engine(args), args.model, _engine_settings(args)
+    output = args.output or Path("eval_results") / task.name / runner.model_label(model)
     outcome = runner.evaluate(
-        lambda: _engine(args), task, items, output, params, batch_size=args.batch_size, method=args.method,
-        circular=args.circular, model=args.model, data=args.data, ratings=ratings,
-        engine_settings=_engine_settings(args),
+        make_engine, task, items, output, params, batch_size=args.batch_size, method=args.method,
+        circular=args.circular, model=model, data=args.data, ratings=ratings, engine_settings=settings,
     )  # fmt: skip
     print(results.markdown(outcome), end="")
     print(f"(answers and results in {output})", file=sys.stderr)
@@ -229,6 +238,17 @@ def cmd_data(args: argparse.Namespace) -> int:
         from openowl.data import scenes
 
         print(json.dumps(scenes.write_training_data(Path(args.out), args.images, args.seed, args.questions_per_image)))
+        return 0
+    if args.dataset == "text-answers":
+        from openowl.data import text_answers
+        from openowl.infer.answering import answer_file
+        from openowl.infer.prepare import engine_settings, load_engine
+        from openowl.infer.sampling import SamplingParams
+
+        out, params = Path(args.out), SamplingParams(max_new_tokens=args.max_new_tokens)
+        answer_file(lambda: load_engine(args.model), text_answers.write_questions(out), out / text_answers.ANSWERS,
+                    params, batch_size=16, engine_settings=engine_settings(args.model))  # fmt: skip
+        print(json.dumps(text_answers.write_samples(out)))
         return 0
     from openowl.data.easy_vqa import write_training_data
 
@@ -305,6 +325,9 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
         "protocol, on for MMBench and jsonl files, off for SEED-Bench and EgoSchema)",
     )  # fmt: skip
     parser.add_argument("--ratings", help="owleval: ratings saved from report.html, tallied into the results")
+    parser.add_argument("--server", metavar="URL", help="ask a served model instead: an OpenAI-compatible API root "
+                        "(http://127.0.0.1:8000/v1), by the openai client, --batch-size requests at once")  # fmt: skip
+    parser.add_argument("--served-model", help="with --server: the model id to ask (default: the first it lists)")
     _add_sampling_args(parser)
 
 
@@ -346,6 +369,12 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     drawn.add_argument("--seed", type=int, default=0, help="the drawing's seed (default: 0)")
     drawn.add_argument("--questions-per-image", type=positive_int, default=4,
                        help="one-image questions per scene (default: 4)")  # fmt: skip
+    text = kinds.add_parser("text-answers", help="text-only questions with a model's own answers (text_train.jsonl)")
+    text.add_argument("out", help="the folder to write text_train.jsonl into")
+    text.add_argument("--model", default="owl-small-base", help="the model whose answers to keep (default: "
+                      "owl-small-base, the untrained LM)")  # fmt: skip
+    text.add_argument("--max-new-tokens", type=positive_int, default=64,
+                      help="longer answers are left out (default: 64)")  # fmt: skip
 
 
 def _pack_args(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,9 @@ from conftest import CHECKPOINT
 from openowl.cli import main
 from openowl.data import scenes
 from openowl.eval import runner, tasks
-from openowl.infer.engine import Engine
+from openowl.infer.engine import Engine, Request
 from openowl.infer.sampling import SamplingParams
+from openowl.loading import load_pretrained
 
 
 def drawn(seed: int, **kwargs) -> tuple[scenes.Scene, np.ndarray]:
@@ -117,6 +118,66 @@ def test_the_scenes_task_runs_end_to_end(model, processor, tmp_path):
     assert (tmp_path / "results.md").is_file()
 
 
+def test_two_image_training_questions_pair_one_shape_scenes_and_follow_them(tmp_path):
+    scenes.write_training_data(tmp_path, images=60, seed=5)
+    captions = {json.loads(line)["image"]: json.loads(line)["caption"]
+                for line in (tmp_path / "captions_train.jsonl").read_text().splitlines()}  # fmt: skip
+    asked = {"more": 0, "first": 0, "second": 0}
+    for line in (tmp_path / "questions_train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if not isinstance(row["image"], list):
+            continue
+        question, answer = (turn["value"] for turn in row["conversations"])
+        first, second = (captions[path] for path in row["image"])
+        if "more shapes" in question:
+            counts = int(first.split()[0]), int(second.split()[0])
+            assert counts[0] != counts[1] and answer == ("first" if counts[0] > counts[1] else "second")
+            asked["more"] += 1
+        else:
+            which = "first" if "first image" in question else "second"
+            assert first.startswith("1 shape:") and second.startswith("1 shape:")
+            assert answer == (first if which == "first" else second).split()[3]  # "1 shape: a red circle."
+            asked[which] += 1
+    assert asked["more"] > 20 and asked["first"] == asked["second"] >= 2, asked
+
+
+def test_the_scenes_task_through_a_server_gives_the_local_engines_answers(model, processor, tmp_path, capsys):
+    """`openowl eval scenes --server URL`: the questions (two images, a second turn with the first's answer) go to a
+    real `openowl serve` app through the openai client; greedy, they get the local engine's answers."""
+    from server_helpers import serve
+
+    from openowl.serve.config import ServeConfig
+
+    task, params = tasks.get_task("scenes"), SamplingParams(max_new_tokens=4)
+    items = task.load("1")
+    local = runner.evaluate(lambda: Engine(model, processor), task, items, tmp_path / "local", params, batch_size=4,
+                            show_progress=False, model=str(CHECKPOINT))  # fmt: skip
+    with serve(Engine(model, processor), ServeConfig(model_name="owl-test", max_images=2)) as running:
+        args = ["eval", "scenes", "--data", "1", "--server", f"{running.url}/v1", "--max-new-tokens", "4",
+                "--batch-size", "3", "--output", str(tmp_path / "served")]  # fmt: skip
+        assert main(args) == 0
+    assert "| two-turn |" in capsys.readouterr().out
+    served = {r["id"]: r for r in map(json.loads, (tmp_path / "served" / "answers.jsonl").read_text().splitlines())}
+    answers = {r["id"]: r for r in map(json.loads, (tmp_path / "local" / "answers.jsonl").read_text().splitlines())}
+    assert len(served) == len(items) and {i: r["answer"] for i, r in served.items()} == {
+        i: r["answer"] for i, r in answers.items()}  # fmt: skip
+    settings = json.loads((tmp_path / "served" / "settings.json").read_text())
+    assert (settings["server"], settings["served_model"], settings["model"]) == (f"{running.url}/v1", "owl-test",
+                                                                                "owl-test")  # fmt: skip
+    assert local["breakdown"] == json.loads((tmp_path / "served" / "results.json").read_text())["breakdown"]
+
+
+def test_server_requests_refuse_what_the_openai_fields_cannot_say():
+    from openowl.eval import client
+
+    assert client.request_args(SamplingParams(max_new_tokens=5)) == {"max_tokens": 5, "temperature": 0.0}
+    sampled = SamplingParams(max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9, seed=3, stop=("\n",))
+    assert client.request_args(sampled) == {"max_tokens": 5, "temperature": 0.7, "top_p": 0.9, "seed": 3,
+                                            "stop": ["\n"]}  # fmt: skip
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        client.request_args(SamplingParams(repetition_penalty=1.2))
+
+
 def test_training_files_read_back_as_the_recipes_samples(tmp_path, capsys):
     from openowl.train.data import read_samples
 
@@ -138,3 +199,37 @@ def test_training_files_read_back_as_the_recipes_samples(tmp_path, capsys):
     two = scenes.Scene((250, 250, 250), (scenes.Shape("circle", "red", (120, 10, 150, 40)),
                                          scenes.Shape("triangle", "blue", (10, 10, 40, 40))), number=7)  # fmt: skip
     assert scenes.caption(two) == "2 shapes: a blue triangle, a red circle. The number 7."
+
+
+def test_text_answers_keep_the_models_finished_answers(tmp_path, monkeypatch, capsys):
+    from openowl.data import text_answers
+    from openowl.train.data import read_samples
+
+    questions = ["What is the capital of France?", "Say hello.", "What is 2 plus 2?"]
+    monkeypatch.setattr(text_answers, "text_questions", lambda: questions)
+    assert main(["data", "text-answers", str(tmp_path), "--model", str(CHECKPOINT), "--max-new-tokens", "3"]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "text_answers.jsonl").read_text().splitlines()]
+    assert [a["question"] for a in answers] == questions  # the model answered each, as `generate --input` does
+    alone = Engine(*load_pretrained(CHECKPOINT)).generate(
+        [Request(_user_prompt(q)) for q in questions], SamplingParams(max_new_tokens=3))  # fmt: skip
+    assert [a["answer"] for a in answers] == [c.text for c in alone]
+    written = json.loads(capsys.readouterr().out)
+    finished = sum(a["finish_reason"] == "stop" for a in answers)
+    assert written == {"text_train.jsonl": finished, "left out (cut at the token limit)": 3 - finished}
+
+    # Finished answers are kept with their questions; one cut at the token limit is left out.
+    answers[1]["finish_reason"], answers[2]["finish_reason"] = "stop", "length"
+    (tmp_path / "text_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    assert text_answers.write_samples(tmp_path)["text_train.jsonl"] == 1 + (answers[0]["finish_reason"] == "stop")
+    samples = read_samples(tmp_path / "text_train.jsonl")
+    assert samples[-1].id == answers[1]["id"] and not samples[-1].images
+    row = json.loads((tmp_path / "text_train.jsonl").read_text().splitlines()[-1])
+    assert row["conversations"] == [{"from": "human", "value": "Say hello."},
+                                    {"from": "gpt", "value": answers[1]["answer"].strip()}]  # fmt: skip
+
+
+def _user_prompt(text: str) -> str:
+    from openowl.loading import load_processor
+
+    message = {"role": "user", "content": [{"type": "text", "text": text}]}
+    return load_processor(CHECKPOINT).apply_chat_template([message])

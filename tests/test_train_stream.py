@@ -14,6 +14,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,23 @@ def test_a_mixture_draws_by_weight_and_reads_each_record_once(tmp_path, processo
         load_config(None, ["data.mixture=[{path: a.tar, weight: 0}]"])
     with pytest.raises(ValueError, match="set one"):
         load_config(None, ["data.train=x.tar", "data.mixture=[{path: a.tar}]"])
+
+
+def test_a_repeated_source_is_read_that_many_times_an_epoch_and_lasts(tmp_path, processor):
+    big, small = _rows(60), [{**row, "id": f"b{row['id']}"} for row in _rows(5)]
+    write_shards(big, str(tmp_path / "big-{:03d}.tar"), per_shard=10)
+    sources = [TarShards(str(tmp_path / "big-*.tar")), JsonlFile(str(_jsonl(tmp_path / "small.jsonl", small)))]
+    once = StreamSpec(sources, [4.0, 1.0], seed=2, shuffle_buffer=0)
+    spec = StreamSpec(sources, [4.0, 1.0], seed=2, shuffle_buffer=0, repeats=[1, 3])
+    ids = [record.fields["id"] for record in epoch_records(spec, 0)]
+    assert Counter(ids) == Counter({r["id"]: 1 for r in big} | {r["id"]: 3 for r in small})
+    assert ids == [record.fields["id"] for record in epoch_records(spec, 0)]
+    assert max(n for n, i in enumerate(ids) if i.startswith("b")) > 40  # 15 small records spread past 5 alone
+    assert spec.digest() != once.digest() and once.digest() == replace(once, repeats=[1, 1]).digest()
+    cfg = load_config(None, ["data.mixture=[{path: a.tar}, {path: b.jsonl, weight: 0.1, repeat: 4}]"])
+    assert [m.repeat for m in cfg.data.mixture] == [1, 4]
+    with pytest.raises(ValueError, match="repeat must be a whole number"):
+        load_config(None, ["data.mixture=[{path: a.tar, repeat: 0}]"])
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

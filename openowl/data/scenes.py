@@ -244,7 +244,8 @@ def write_training_data(out: Path, images: int, seed: int = 0, questions_per_ima
     - `captions_train.jsonl` (stage 1): one caption per scene (`caption`);
     - `questions_train.jsonl` (stage 2, LLaVA conversations): `questions_per_image` one-image questions per scene,
       kinds taking turns among those the scene has; a two-turn conversation (count, then the number) for each
-      scene with a number; and one two-image question per pair of consecutive scenes.
+      scene with a number; "which has more shapes" on each pair of consecutive scenes whose counts differ; and
+      both "what color is the shape in the first / second image" on pairs of the one-shape scenes.
 
     Returns:
         the number of records of each file.
@@ -274,10 +275,14 @@ def write_training_data(out: Path, images: int, seed: int = 0, questions_per_ima
             records.append(_turns(f"two-turn-{n}", path, turns))
     for n in range(len(drawn) - 1):
         (first, a), (second, b) = drawn[n], drawn[n + 1]
-        found = two_image_questions(first, second)
+        found = [q for q in two_image_questions(first, second) if q[0] == "more"]
         if found:
-            _, text, answer = rng.choice(found)
-            records.append(_turns(f"pair-{n}", [a, b], [(text, answer)]))
+            records.append(_turns(f"pair-{n}", [a, b], [found[0][1:]]))
+    single = [n for n, (scene, _) in enumerate(drawn) if len(scene.shapes) == 1]
+    rng.shuffle(single)
+    for n, m in zip(single[::2], single[1::2], strict=False):  # a fifth of the scenes have one shape: pair those
+        for _, text, answer in two_image_questions(drawn[n][0], drawn[m][0]):
+            records.append(_turns(f"pair-{n}-{m}-{text.split()[-2]}", [drawn[n][1], drawn[m][1]], [(text, answer)]))
     rng.shuffle(records)
     with open(out / "questions_train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

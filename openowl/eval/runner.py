@@ -198,6 +198,28 @@ def conversation_request(processor, turns: Sequence[Unit], cache: AnswerCache) -
     return Request(processor.apply_chat_template(messages), images, videos)
 
 
+def served_turns(turns: Sequence[Unit], cache: AnswerCache) -> list:
+    """`turns` for a served model (`client.ServerClient`): each question with its images and its cached answer
+    (None for the last)."""
+    out = []
+    for k, unit in enumerate(turns):
+        images, videos = media(unit.item)
+        if videos:
+            raise ValueError(f"item {unit.item.id}: --server sends images only; ask video tasks of a local model")
+        out.append((unit.text, images, cache[unit.id]["answer"] if k + 1 < len(turns) else None))
+    return out
+
+
+def _answers(engine, batch: list[list[Unit]], cache: AnswerCache, params: SamplingParams) -> list[tuple[str, str]]:
+    """(text, finish reason) for the last turn of each conversation of `batch`, from an engine or a server."""
+    from openowl.eval.client import ServerClient
+
+    if isinstance(engine, ServerClient):
+        return engine.answer([served_turns(turns, cache) for turns in batch], params)
+    requests = [conversation_request(engine.processor, turns, cache) for turns in batch]
+    return [(c.text, c.finish_reason) for c in engine.generate(requests, params)]
+
+
 # --- answering -----------------------------------------------------------------------------------
 
 
@@ -214,9 +236,10 @@ def _audit(unit: Unit) -> dict:
 
 
 def answer_by_generation(
-    engine: Engine, convs: list[list[Unit]], cache: AnswerCache, batch_size: int, params: SamplingParams, progress
+    engine, convs: list[list[Unit]], cache: AnswerCache, batch_size: int, params: SamplingParams, progress
 ) -> None:
-    """Round by round, the next unanswered turn of every conversation, in batches."""
+    """Round by round, the next unanswered turn of every conversation, in batches (`engine`: an `Engine`, or a
+    `client.ServerClient` for a served model)."""
     while True:
         todo = []
         for conv in convs:
@@ -227,12 +250,11 @@ def answer_by_generation(
             return
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            requests = [conversation_request(engine.processor, turns, cache) for turns in batch]
-            completions = engine.generate(requests, params)
+            answers = _answers(engine, batch, cache, params)
             cache.add(
                 [
-                    {**_audit(turns[-1]), "answer": c.text, "finish_reason": c.finish_reason}
-                    for turns, c in zip(batch, completions, strict=True)
+                    {**_audit(turns[-1]), "answer": text, "finish_reason": reason}
+                    for turns, (text, reason) in zip(batch, answers, strict=True)
                 ]
             )
             progress(len(batch))
@@ -276,7 +298,8 @@ def evaluate(
     """Answer what answers.jsonl in `output` lacks, score every item, write results.json and results.md.
 
     Args:
-        make_engine: called only when something is left to answer.
+        make_engine: called only when something is left to answer: an `Engine`, or a `client.ServerClient` (a
+            served model; the generate method only).
         method: "generate" (the answer is parsed from generated text) or "likelihood" (multiple choice only).
         circular: rotate multiple-choice options (generate method); None: the task's protocol (on for MMBench).
         data: where the task's data is (OwlEval: its folder, for the shipped answers of the report).

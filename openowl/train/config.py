@@ -3,7 +3,7 @@
 model:  {path: CHECKPOINT or null, preset: tiny, tokenizer: FOLDER, dtype: float32}
 data:   {train: FILE, dev: FILE, image_root: null, max_length: 512, image_check: verify, augment: true,
          features: null,   # features: a frozen ViT's cached outputs (`openowl data cache-features`)
-         mixture: [{path: SHARDS, weight: 1.0}, ...], shuffle_buffer: 1000, split: train}   # streams: stream.py
+         mixture: [{path: SHARDS, weight: 1.0, repeat: 1}, ...], shuffle_buffer: 1000, split: train}  # stream.py
 policy: stage2            # stage1 | stage2 | stage2-abstractor | full-llm
 lora:   {r: 8, alpha: 32, dropout: 0.05, targets: [q_proj, v_proj]}   # for the policy's LoRA parts
 optim:  {lr: 2.0e-5, weight_decay: 1.0e-4, betas: [0.9, 0.999], eps: 1.0e-8, warmup_steps: 50,
@@ -47,6 +47,7 @@ class ModelSection:
 class MixtureSource:
     path: str  # tar shards (a glob or folder), Parquet, a `datasets` folder or hub id, or a jsonl file
     weight: float = 1.0  # its share of the stream while every source lasts
+    repeat: int = 1  # passes over it per epoch: a small source (text-only answers, say) lasts as long as the others
 
 
 @dataclass
@@ -218,6 +219,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("data.train and data.mixture: set one (a mixture lists every source, with its weight)")
     if not all(m.weight > 0 for m in d.mixture):
         raise ValueError(f"data.mixture: weights must be positive, got {[m.weight for m in d.mixture]}")
+    if not all(isinstance(m.repeat, int) and m.repeat >= 1 for m in d.mixture):
+        raise ValueError(f"data.mixture: repeat must be a whole number >= 1, got {[m.repeat for m in d.mixture]}")
     if not all(0 <= b < 1 for b in o.betas):
         raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {list(o.betas)}")
     if d.features:

@@ -542,9 +542,10 @@ def run_feature_cache(cfg: TrainConfig) -> dict:
 
 def stream_spec(d: DataSection, seed: int) -> StreamSpec:
     """The stream a streamed `data` section names: `data.train`, or each source of `data.mixture` with its weight."""
-    entries = [(m.path, m.weight) for m in d.mixture] or [(d.train, 1.0)]
-    sources = [open_source(path, d.image_root, d.split) for path, _ in entries]
-    return StreamSpec(sources, [w for _, w in entries], seed=seed, shuffle_buffer=d.shuffle_buffer, format=d.format)
+    entries = [(m.path, m.weight, m.repeat) for m in d.mixture] or [(d.train, 1.0, 1)]
+    sources = [open_source(path, d.image_root, d.split) for path, _, _ in entries]
+    weights, repeats = [w for _, w, _ in entries], [r for _, _, r in entries]
+    return StreamSpec(sources, weights, seed=seed, shuffle_buffer=d.shuffle_buffer, format=d.format, repeats=repeats)
 
 
 def _cache_images(d: DataSection, missing: list[str]):

@@ -261,32 +261,38 @@ class StreamSpec:
     seed: int = 0
     shuffle_buffer: int = 1000
     format: str = "auto"
+    repeats: Sequence[int] = ()  # passes over each source per epoch (default 1 each): a small source kept in the mix
 
     def __post_init__(self):
         if len(self.sources) != len(self.weights) or not self.sources:
             raise ValueError("a stream needs at least one source, and one weight per source")
         if not all(w > 0 for w in self.weights):
             raise ValueError(f"mixture weights must be positive, got {list(self.weights)}")
+        self.repeats = tuple(self.repeats) or (1,) * len(self.sources)
+        if len(self.repeats) != len(self.sources) or not all(isinstance(r, int) and r >= 1 for r in self.repeats):
+            raise ValueError(f"mixture repeats: one whole number >= 1 per source, got {list(self.repeats)}")
 
     def digest(self) -> str:
-        """The sources, their shards and weights: what a resumed run must read the same."""
-        text = json.dumps(
-            [[s.name, s.shards(), w] for s, w in zip(self.sources, self.weights, strict=True)] + [self.shuffle_buffer]
-        )
+        """The sources, their shards, weights and repeats: what a resumed run must read the same."""
+        entries = [[s.name, s.shards(), w] + ([r] if r != 1 else [])
+                   for s, w, r in zip(self.sources, self.weights, self.repeats, strict=True)]  # fmt: skip
+        text = json.dumps(entries + [self.shuffle_buffer])
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def epoch_records(spec: StreamSpec, epoch: int) -> Iterator[Record]:
     """The records of `epoch`, in the order every process and worker agrees on."""
-    streams = [_source_records(s, make_generator(spec.seed, epoch, SHARDS_KEY, i)) for i, s in enumerate(spec.sources)]
+    streams = [_source_records(s, make_generator(spec.seed, epoch, SHARDS_KEY, i), r)
+               for i, (s, r) in enumerate(zip(spec.sources, spec.repeats, strict=True))]  # fmt: skip
     mixed = _interleave(streams, list(spec.weights), make_generator(spec.seed, epoch, MIX_KEY))
     yield from _shuffled(mixed, spec.shuffle_buffer, make_generator(spec.seed, epoch, SHUFFLE_KEY))
 
 
-def _source_records(source: Source, generator: torch.Generator) -> Iterator[Record]:
+def _source_records(source: Source, generator: torch.Generator, repeat: int = 1) -> Iterator[Record]:
     shards = source.shards()
-    for i in torch.randperm(len(shards), generator=generator).tolist():
-        yield from source.read(shards[i])
+    for _ in range(repeat):  # each pass takes the shards in an order of its own
+        for i in torch.randperm(len(shards), generator=generator).tolist():
+            yield from source.read(shards[i])
 
 
 def _interleave(streams: list[Iterator[Record]], weights: list[float], generator: torch.Generator) -> Iterator[Record]:
