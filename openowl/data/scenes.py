@@ -256,9 +256,9 @@ def write_training_data(out: Path, images: int, seed: int = 0, questions_per_ima
     drawn: list[tuple[Scene, str]] = []
     for n in range(images):
         scene = random_scene(rng, fonts)
-        path = out / "images" / f"{n:06d}.png"
-        draw(scene, rng).save(path)
-        drawn.append((scene, str(path)))
+        path = f"images/{n:06d}.png"  # relative to the files' folder, where training looks for it
+        draw(scene, rng).save(out / path)
+        drawn.append((scene, path))
     with open(out / "captions_train.jsonl", "w") as f:
         for n, (scene, path) in enumerate(drawn):
             f.write(json.dumps({"id": f"caption-{n}", "image": path, "caption": caption(scene)}) + "\n")
